@@ -1,0 +1,85 @@
+"""What every entry point shares: quiet libraries, a config pre-flight, one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+
+from tunelab.errors import TunelabError
+from tunelab.paths import CONF_DIR
+
+PASS_THROUGH_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version")
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("transformers", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def die(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's multi-line composition errors folded into one readable line."""
+    text = str(err).split("Config search path")[0]
+    text = re.sub(r"\s+", " ", text.replace("Available options in", "; available options in")).strip()
+    return text.replace(" ;", ";").removeprefix("In 'train': ")
+
+
+def first_of_sweeps(overrides: list[str]) -> list[str]:
+    """One concrete job of a multirun: the first value of every sweep (others only add combinations)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    concrete = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            try:
+                first = next(iter(override.sweep_string_iterator()))
+            except Exception:  # range/interval searches: left to the sweeper
+                continue
+            concrete.append(f"{override.get_key_element()}={first}")
+        else:
+            concrete.append(override.input_line)
+    return concrete
+
+
+def preflight(argv: list[str], config_name: str) -> None:
+    """Compose the config once before Hydra runs, so a bad override is one line and exit 2."""
+    if any(flag in argv for flag in PASS_THROUGH_FLAGS):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    skip_next = False
+    overrides = []
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg in ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"):
+            skip_next = True
+            continue
+        if not arg.startswith("-"):
+            overrides.append(arg)
+    try:
+        overrides = first_of_sweeps(overrides)
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            compose(config_name, overrides=overrides, return_hydra_config=True)
+    except TunelabError:
+        raise
+    except Exception as err:
+        raise TunelabError(one_line(err)) from None
+    finally:
+        GlobalHydra.instance().clear()

@@ -1,0 +1,51 @@
+"""`tunelab-train`: compose a run from config groups and overrides, train, evaluate, export."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from tunelab.cli.common import die, preflight, quiet_libraries
+from tunelab.errors import TunelabError
+from tunelab.paths import CONF_DIR
+
+log = logging.getLogger("tunelab")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def hydra_entry(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from tunelab import rundir
+    from tunelab.train import train
+
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        metrics = train(cfg)
+    except TunelabError as err:
+        rundir.mark_failed(Path(cfg.paths.run_dir), str(err))
+        if multirun:  # the sweep goes on; this job is reported as failed
+            log.error("run failed: %s", err)
+            return float("nan")
+        die(str(err), err.exit_code)
+    except BaseException as err:
+        rundir.mark_failed(Path(cfg.paths.run_dir), f"{type(err).__name__}: {err}")
+        raise
+    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+
+
+def main() -> None:
+    quiet_libraries()
+    try:
+        preflight(sys.argv[1:], "train")
+    except TunelabError as err:
+        die(str(err), err.exit_code)
+    hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

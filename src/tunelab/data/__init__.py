@@ -1,0 +1,6 @@
+"""Data: formats, templates, tokenization with label masks, batching and the datamodule."""
+
+from tunelab.data.datamodule import DataModule
+from tunelab.data.tokenize import PackedTokenizer, SupervisedTokenizer
+
+__all__ = ["DataModule", "PackedTokenizer", "SupervisedTokenizer"]

@@ -1,0 +1,111 @@
+"""The datamodule: load -> map fields -> template -> tokenize with label masks -> split -> batches."""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+
+from tunelab.data.batching import Collator, ResumableDataLoader, StepBatchSampler, TokenizedDataset
+from tunelab.data.formats import Conversation, normalize
+from tunelab.data.sources import load_splits, split_records
+from tunelab.data.templates import PromptFormatter
+from tunelab.data.tokenize import SupervisedTokenizer
+from tunelab.errors import TunelabError
+
+log = logging.getLogger(__name__)
+
+
+class DataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer,
+        source: str,
+        subset: str | None = None,
+        format: str = "auto",
+        fields: dict | None = None,
+        template: str = "chat",
+        system_prompt: str | None = None,
+        max_length: int = 256,
+        val_size: float = 0.1,
+        test_size: float = 0.1,
+        split_seed: int = 0,
+        max_train_examples: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        group_by_length: bool = True,
+        pad_to_multiple_of: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        accumulate_grad_batches: int = 1,
+        tokenization=None,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.source, self.subset, self.format = source, subset, format
+        self.fields = dict(fields or {})
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.val_size, self.test_size, self.split_seed = val_size, test_size, split_seed
+        self.max_train_examples = max_train_examples
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.group_by_length = group_by_length
+        self.num_workers, self.seed = num_workers, seed
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.tokenization = tokenization or SupervisedTokenizer()
+        self.formatter = PromptFormatter(tokenizer, template)
+        self.collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of)
+        self.examples: dict[str, list] = {}
+        self.datasets: dict[str, TokenizedDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.max_length < 2:
+            raise TunelabError(f"data.max_length={self.max_length} is too small; use at least a few dozen tokens")
+        raw = load_splits(self.source, self.subset)
+        splits = split_records(raw, self.val_size, self.test_size, self.split_seed)
+        if self.max_train_examples:
+            splits["train"] = splits["train"][: self.max_train_examples]
+        for name, records in splits.items():
+            self.examples[name] = normalize(records, self.format, self.fields, self.system_prompt)
+            rows, report = self.tokenization(self.examples[name], self.formatter, self.max_length)
+            if report.dropped_no_target:
+                log.warning("%s: dropped %d examples with no response left after truncation to max_length=%d",
+                            name, report.dropped_no_target, self.max_length)
+            if not rows and records:
+                raise TunelabError(
+                    f"no {name} example keeps any response token within data.max_length={self.max_length}; "
+                    "raise data.max_length or shorten the prompts"
+                )
+            self.datasets[name] = TokenizedDataset(rows)
+        if not self.datasets["train"].rows:
+            raise TunelabError(f"the training split of {self.source} is empty; check the data and its filters")
+        log.info("data: %s", ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
+
+    def loader(self, split: str, train: bool, shard: bool = True) -> ResumableDataLoader:
+        dataset = self.datasets[split]
+        sampler = StepBatchSampler(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.seed,
+            group_by_length=self.group_by_length,
+            accumulate=self.accumulate_grad_batches if train else 1,
+            shard=shard,
+        )
+        return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator,
+                                   num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        return self.loader("train", train=True)
+
+    def val_dataloader(self):
+        return self.loader("val", train=False) if self.datasets.get("val") and self.datasets["val"].rows else []
+
+    def test_dataloader(self):
+        return self.loader("test", train=False)
+
+    def conversations(self, split: str) -> list[Conversation]:
+        """The split's examples that have a reference response (for generation metrics)."""
+        return [e for e in self.examples.get(split, []) if isinstance(e, Conversation) and e.reference is not None]

@@ -1,0 +1,141 @@
+"""Read raw records from a local file or a `datasets` name into named splits of plain dicts."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.paths import DATA_DIR
+
+Records = list[dict]
+SPLIT_ALIASES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def resolve_source(source: str) -> Path | str:
+    """`tunelab:NAME` is a file shipped with the package; paths must exist; anything else is a datasets name."""
+    source = str(source)
+    if source.startswith("tunelab:"):
+        path = DATA_DIR / source.removeprefix("tunelab:")
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.name for p in DATA_DIR.glob("*.jsonl")))
+            raise TunelabError(f"no shipped dataset '{source}'; shipped: {shipped}")
+        return path
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise TunelabError(f"data file {path} does not exist; set data.source=PATH to a JSONL/JSON/CSV/Parquet file")
+        return path
+    return source
+
+
+def load_splits(source: str, subset: str | None = None) -> dict[str, Records]:
+    """{'train': [...], optionally 'val' and 'test'} from a file (one split) or a datasets name (its splits)."""
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path):
+        return {"train": read_file(resolved)}
+    return read_hub_dataset(resolved, subset)
+
+
+def read_file(path: Path) -> Records:
+    readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_table, ".parquet": read_table, ".txt": read_text}
+    if path.suffix not in readers:
+        raise TunelabError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(readers)}")
+    records = readers[path.suffix](path)
+    if not records:
+        raise TunelabError(f"{path} holds no records; add examples or point data.source at another file")
+    return records
+
+
+def read_jsonl(path: Path) -> Records:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TunelabError(
+                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line"
+                ) from None
+            if not isinstance(record, dict):
+                raise TunelabError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def read_json(path: Path) -> Records:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TunelabError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the one list it holds
+        lists = [value for value in data.values() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise TunelabError(f"{path}: expected a list of records or an object holding exactly one list")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise TunelabError(f"{path}: expected a JSON list of objects")
+    return data
+
+
+def read_table(path: Path) -> Records:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, keep_default_na=False) if path.suffix == ".csv" else pd.read_parquet(path)
+    except Exception as err:  # pandas raises many types; all mean the same to the user
+        raise TunelabError(f"{path}: cannot read as {path.suffix[1:].upper()} ({err})") from None
+    return frame.to_dict(orient="records")
+
+
+def read_text(path: Path) -> Records:
+    """Plain text: one document per blank-line-separated paragraph."""
+    paragraphs = path.read_text(encoding="utf-8").split("\n\n")
+    return [{"text": p.strip()} for p in paragraphs if p.strip()]
+
+
+def read_hub_dataset(name: str, subset: str | None) -> dict[str, Records]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, subset)
+    except Exception as err:  # offline, unknown name, bad subset: all one message
+        raise TunelabError(
+            f"cannot load dataset '{name}' ({str(err).strip().splitlines()[0][:200]}); "
+            "offline machines need a local file: data.source=PATH"
+        ) from None
+    splits = {}
+    for split_name, split in loaded.items():
+        key = SPLIT_ALIASES.get(split_name)
+        if key and key not in splits:
+            splits[key] = split.to_list()
+    if "train" not in splits:
+        raise TunelabError(f"dataset '{name}' has no train split (splits: {', '.join(loaded)})")
+    return splits
+
+
+def split_records(splits: dict[str, Records], val_size: float, test_size: float, seed: int) -> dict[str, Records]:
+    """Carve the missing val/test splits out of train, deterministically from the seed."""
+    train = list(splits["train"])
+    missing = [name for name, size in (("val", val_size), ("test", test_size)) if name not in splits and size]
+    if not missing:
+        return {"val": [], "test": [], **splits}
+    random.Random(seed).shuffle(train)
+    result = dict(splits)
+    for name in missing:
+        size = val_size if name == "val" else test_size
+        count = math.ceil(size * len(train)) if size < 1 else int(size)
+        if count >= len(train):
+            raise TunelabError(
+                f"data.{name}_size={size} leaves no training examples out of {len(splits['train'])}; make it smaller"
+            )
+        result[name], train = train[:count], train[count:]
+    result["train"] = train
+    result.setdefault("val", [])
+    result.setdefault("test", [])
+    return result

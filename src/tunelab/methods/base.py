@@ -1,0 +1,95 @@
+"""The shared base of every method: optimizer, schedule, token-weighted loss and checkpoint slimming."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import SumMetric
+
+from tunelab.data.tokenize import IGNORE
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropy over supervised positions, number of those positions)."""
+    targets = labels[:, 1:]
+    logits = logits[:, :-1]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (targets != IGNORE).sum()
+
+
+class LanguageModelModule(pl.LightningModule):
+    """Holds a HF causal LM (plain or PEFT-wrapped) and the optimisation every method shares."""
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = dict(scheduler or {})
+        self.val_loss_sum = SumMetric()
+        self.val_tokens = SumMetric()
+        # Checkpoints keep trainable weights only (see on_save_checkpoint), so loading is not strict.
+        self.strict_loading = False
+
+    def optimizer_parameters(self) -> list[dict]:
+        """Decay matrices only: biases and norm weights are left alone, as is standard for transformers."""
+        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        from transformers import get_scheduler
+
+        optimizer = self.optimizer_factory(self.optimizer_parameters())
+        total = int(self.trainer.estimated_stepping_batches)
+        ratio = self.scheduler_cfg.get("warmup_ratio") or 0.0
+        warmup = self.scheduler_cfg.get("warmup_steps") or math.ceil(ratio * total)
+        scheduler = get_scheduler(
+            self.scheduler_cfg.get("name", "cosine"),
+            optimizer,
+            num_warmup_steps=warmup,
+            num_training_steps=total,
+            scheduler_specific_kwargs=dict(self.scheduler_cfg.get("kwargs") or {}),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Frozen weights are reloaded from the model itself; storing them would make every LoRA
+        # checkpoint as large as the base model.
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+class CausalLMModule(LanguageModelModule):
+    """Next-token cross-entropy on the supervised tokens: sft (responses) and pretrain (all tokens)."""
+
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return token_loss_sum(logits, batch["labels"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss_sum, tokens = self.loss_sum(batch)
+        # Token-weighted over the whole optimizer step: Lightning divides by the accumulation count
+        # and DDP averages over ranks, so scale both back before dividing by the step's token count.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        loss = loss_sum * scale / batch["step_tokens"].clamp(min=1)
+        self.log("train/loss", loss_sum / tokens.clamp(min=1), prog_bar=True, batch_size=int(tokens))
+        self.log("train/tokens", tokens.float(), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss_sum, tokens = self.loss_sum(batch)
+        self.val_loss_sum.update(loss_sum)
+        self.val_tokens.update(tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        # SumMetric reduces over ranks, so the token-weighted mean is the same on 1 or N processes.
+        loss = self.val_loss_sum.compute() / self.val_tokens.compute().clamp(min=1)
+        self.log_dict({"val/loss": loss, "val/perplexity": torch.exp(loss)}, prog_bar=True, sync_dist=False)
+        self.val_loss_sum.reset()
+        self.val_tokens.reset()

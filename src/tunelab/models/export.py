@@ -1,0 +1,56 @@
+"""The `final/` folder: a model `AutoModelForCausalLM.from_pretrained` loads, with its tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.models.adapters import is_peft
+
+
+def save_final(model, tokenizer, folder: Path, base_path: str | None) -> Path:
+    """Adapter folder for PEFT models (its base recorded by path), full weights otherwise."""
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_peft(model):
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base_path
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def save_base(model, folder: Path) -> str:
+    """Write the frozen base of a PEFT model (for bases with no folder of their own, e.g. the tiny model)."""
+    with model.disable_adapter():
+        model.get_base_model().save_pretrained(folder)
+    return str(folder)
+
+
+@torch.no_grad()
+def save_merged(model, tokenizer, folder: Path, probe: dict[str, torch.Tensor], tolerance: float) -> float:
+    """Merge LoRA into a copy of the weights, check it gives the adapter's logits, and save it."""
+    merged = copy.deepcopy(model).merge_and_unload()
+    model.eval()
+    merged.eval()
+    expected = model(**probe).logits
+    got = merged(**probe).logits
+    gap = (expected - got).abs().max().item()
+    if gap > tolerance:
+        raise TunelabError(
+            f"merged model differs from the adapter model by {gap:.2e} in logits (> merge_tolerance={tolerance}); "
+            "not exporting it"
+        )
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return gap

@@ -1,0 +1,77 @@
+"""Load a pretrained causal LM and its tokenizer: the embedded model, a local folder or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.models.embedded import embedded_model_dir, is_embedded
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder for embedded and local models; hub ids pass through unchanged."""
+    name_or_path = str(name_or_path)
+    if is_embedded(name_or_path):
+        return str(embedded_model_dir(name_or_path))
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise TunelabError(f"model folder {path} has no config.json; point model.name_or_path at an HF model folder")
+        return str(path)
+    if looks_local:
+        raise TunelabError(
+            f"model path {name_or_path} does not exist; use model.name_or_path=PATH to an HF folder, "
+            "a hub id, or model=smollm2_135m for the embedded default"
+        )
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise TunelabError(f"cannot load a tokenizer from '{name_or_path}' ({first_line(err)})") from err
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss by their labels, not by token id,
+        # so reusing EOS as pad never hides the EOS the model must learn to emit.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_pretrained(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """(model, tokenizer) from an `embedded:NAME`, a local HF folder, or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+        )
+    except OSError as err:
+        raise TunelabError(
+            f"cannot load model '{name_or_path}' ({first_line(err)}); offline machines need a local folder "
+            "or the embedded model (model=smollm2_135m)"
+        ) from err
+    return model, load_tokenizer(name_or_path)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,66 @@
+"""The run directory: what makes a run finished, failed, or resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pytorch_lightning.utilities import rank_zero_only
+
+from tunelab.errors import TunelabError
+
+METRICS = "metrics.json"
+FAILED = "FAILED"
+CHECKPOINTS = "checkpoints"
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / METRICS).is_file()
+
+
+def guard(run_dir: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse to run into a directory that already holds a finished run."""
+    if is_finished(run_dir) and not overwrite and not resuming:
+        raise TunelabError(
+            f"{run_dir} already holds a finished run (metrics.json); pass overwrite=true to replace it "
+            "or choose another hydra.run.dir"
+        )
+    if rank_zero_only.rank == 0:
+        (run_dir / METRICS).unlink(missing_ok=True)
+        (run_dir / FAILED).unlink(missing_ok=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    folder = run_dir / CHECKPOINTS
+    last = folder / "last.ckpt"
+    if last.is_file():
+        return last
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """`auto` finds the run dir's newest checkpoint (None when there is none yet)."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "auto":
+        found = latest_checkpoint(run_dir)
+        return str(found) if found else None
+    if not Path(ckpt_path).is_file():
+        raise TunelabError(f"ckpt_path={ckpt_path} does not exist; give a .ckpt file or ckpt_path=auto")
+    return ckpt_path
+
+
+@rank_zero_only
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary name and rename: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+@rank_zero_only
+def mark_failed(run_dir: Path, message: str) -> None:
+    if run_dir.is_dir():
+        (run_dir / FAILED).write_text(message + "\n")

@@ -1,0 +1,133 @@
+"""The train function: wire instantiated parts together, fit, evaluate, export. No math here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+from tunelab import rundir
+from tunelab.data.batching import TrackDataProgress
+from tunelab.eval.report import comparison, print_comparison, write_predictions
+from tunelab.loggers import finish_loggers, remember_wandb_id
+from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
+from tunelab.models.export import save_base, save_final, save_merged
+from tunelab.models.loading import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(cfg: DictConfig, resuming: bool) -> list:
+    loggers = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        if logger_cfg is None:
+            continue
+        extra = {}
+        if name == "wandb":
+            extra = {"resuming": resuming, "config": OmegaConf.to_container(cfg, resolve=True)}
+        loggers.append(instantiate(logger_cfg, _convert_="all", **extra))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return callbacks + [TrackDataProgress()]
+
+
+def base_model_path(cfg: DictConfig, model, run_dir: Path) -> str:
+    """Where the frozen base of an adapter lives, so `final/` loads on its own."""
+    name = cfg.model.get("name_or_path")
+    if name:
+        return resolve_model_path(name)
+    return save_base(model, run_dir / "base_model")
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.paths.run_dir)
+    ckpt_path = rundir.resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    rundir.guard(run_dir, cfg.overwrite, resuming=ckpt_path is not None)
+    if rank_zero_only.rank == 0:
+        OmegaConf.save(cfg, run_dir / "resolved_config.yaml", resolve=True)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    model, tokenizer = instantiate(cfg.model, _convert_="all")
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
+                             tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
+    datamodule.setup("fit")  # data errors surface now, before anything slow
+    model = apply_adapter(model, instantiate(cfg.adapter, _convert_="all"))
+    params = count_parameters(model)
+    log.info("parameters: %(trainable_params)d trainable of %(total_params)d", params)
+    module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
+                         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
+    evaluator = instantiate(cfg.eval, _convert_="all")
+
+    base_file = run_dir / "base_metrics.json"
+    base, base_rows = {}, []
+    if evaluator.compare_base and rank_zero_only.rank == 0:
+        if ckpt_path and base_file.is_file():
+            base = json.loads(base_file.read_text())
+        else:
+            base, base_rows = evaluator.run(model, datamodule)
+            rundir.write_json_atomic(base_file, base)
+
+    loggers = build_loggers(cfg, resuming=ckpt_path is not None)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=build_callbacks(cfg),
+                                      default_root_dir=str(run_dir), _convert_="all")
+    failed = True
+    try:
+        if trainer.is_global_zero:
+            remember_wandb_id(loggers, run_dir)
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        fit_seconds = time.perf_counter() - started
+        if not trainer.is_global_zero:
+            failed = False
+            return {}
+        train_summary = {
+            "fit_seconds": fit_seconds,
+            "global_step": trainer.global_step,
+            "peak_memory_mb": peak_memory_mb(),
+            **params,
+            **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        }
+        tuned, tuned_rows = evaluator.run(module.model, datamodule)
+        result = finish_run(cfg, run_dir, module.model, tokenizer, datamodule, base, tuned, train_summary)
+        write_predictions(run_dir / "predictions.jsonl", base_rows, tuned_rows)
+        for logger in loggers:
+            logger.log_metrics({k: v for k, v in result["flat"].items()}, step=trainer.global_step)
+        print_comparison(base, tuned, title=f"{cfg.run_name}: base vs tuned on {evaluator.split}")
+        rundir.write_json_atomic(run_dir / rundir.METRICS, result["metrics"])  # last: marks the run finished
+        failed = False
+        return result["flat"]
+    finally:
+        finish_loggers(loggers, failed)
+
+
+def finish_run(cfg, run_dir: Path, model, tokenizer, datamodule, base: dict, tuned: dict, summary: dict) -> dict:
+    """Export `final/` (and `merged/`), and assemble metrics.json."""
+    base_path = base_model_path(cfg, model, run_dir) if is_peft(model) else None
+    save_final(model, tokenizer, run_dir / "final", base_path)
+    if cfg.merge and is_peft(model):
+        probe = datamodule.collator([datamodule.datasets["train"][i] for i in range(min(2, len(datamodule.datasets["train"])))])
+        probe = {k: probe[k].to(model.device) for k in ("input_ids", "attention_mask")}
+        summary["merge_max_logit_gap"] = save_merged(model, tokenizer, run_dir / "merged", probe, cfg.merge_tolerance)
+    metrics = {"base": base, "tuned": tuned, "delta": comparison(base, tuned), "train": summary,
+               "run_name": cfg.run_name, "study": cfg.study, "seed": cfg.seed}
+    flat = {f"tuned/{k}": v for k, v in tuned.items()}
+    flat |= {f"base/{k}": v for k, v in base.items()}
+    flat |= {f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+    return {"metrics": metrics, "flat": flat}
