@@ -21,16 +21,17 @@ def wandb_has_key() -> bool:
         return False
 
 
-def wandb_logger(run_dir: str, resuming: bool = False, offline: bool | None = None, **kwargs) -> WandbLogger:
-    """A WandbLogger that is offline unless a key is set and that a resumed run continues."""
+def wandb_logger(run_dir: str, resuming: bool = False, offline: bool | None = None, run_config: dict | None = None,
+                 **kwargs) -> WandbLogger:
+    """A WandbLogger that is offline unless a key is set, records the resolved config, and that a
+    resumed run continues."""
     run_dir = Path(run_dir)
     if offline is None:
         offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_has_key()
     id_file = run_dir / WANDB_ID_FILE
     if resuming and id_file.is_file():
         kwargs.update(id=id_file.read_text().strip(), resume="allow")
-    logger = WandbLogger(save_dir=str(run_dir), offline=offline, **kwargs)
-    return logger
+    return WandbLogger(save_dir=str(run_dir), offline=offline, config=run_config, **kwargs)
 
 
 def remember_wandb_id(loggers: list[Logger], run_dir: Path) -> None:

@@ -32,8 +32,8 @@ def build_loggers(cfg: DictConfig, resuming: bool) -> list:
             continue
         extra = {}
         if name == "wandb":
-            extra = {"resuming": resuming, "config": OmegaConf.to_container(cfg, resolve=True)}
-        loggers.append(instantiate(logger_cfg, _convert_="all", **extra))
+            extra = {"resuming": resuming, "run_config": OmegaConf.to_container(cfg, resolve=True)}
+        loggers.append(instantiate(logger_cfg, _convert_="all", _recursive_=False, **extra))
     return loggers
 
 
