@@ -16,7 +16,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from tunelab import rundir
 from tunelab.data.batching import TrackDataProgress
-from tunelab.eval.report import comparison, print_comparison, write_predictions
+from tunelab.eval.evaluator import baseline_results, eval_callbacks, evaluate
+from tunelab.eval.report import comparison, print_comparison, write_reports
 from tunelab.loggers import finish_loggers, remember_wandb_id
 from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
 from tunelab.models.export import save_base, save_final, save_merged
@@ -75,17 +76,13 @@ def train(cfg: DictConfig) -> dict:
                          scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
     evaluator = instantiate(cfg.eval, _convert_="all")
 
-    base_file = run_dir / "base_metrics.json"
-    base, base_rows = {}, []
+    baselines = {}  # base (and few-shot base): evaluated before training, saved for a resume
     if evaluator.compare_base and rank_zero_only.rank == 0:
-        if ckpt_path and base_file.is_file():
-            base = json.loads(base_file.read_text())
-        else:
-            base, base_rows = evaluator.run(model, datamodule)
-            rundir.write_json_atomic(base_file, base)
+        baselines = baseline_results(evaluator, model, datamodule, run_dir, resuming=ckpt_path is not None)
+    base = baselines["base"].metrics if "base" in baselines else {}
 
     loggers = build_loggers(cfg, resuming=ckpt_path is not None)
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=build_callbacks(cfg),
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=build_callbacks(cfg) + eval_callbacks(evaluator),
                                       default_root_dir=str(run_dir), _convert_="all")
     failed = True
     try:
@@ -104,12 +101,15 @@ def train(cfg: DictConfig) -> dict:
             **params,
             **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         }
-        tuned, tuned_rows = evaluator.run(module.model, datamodule)
+        results = {**baselines, "tuned": evaluate(evaluator, "tuned", module.model, datamodule, run_dir)}
+        tuned = results["tuned"].metrics
         result = finish_run(cfg, run_dir, module.model, tokenizer, datamodule, base, tuned, train_summary)
-        write_predictions(run_dir / "predictions.jsonl", base_rows, tuned_rows)
+        title = f"{cfg.run_name}: base vs tuned on {evaluator.split}"
+        result["metrics"] |= write_reports(run_dir, results, evaluator, title, loggers, {"run": str(run_dir)})
         for logger in loggers:
             logger.log_metrics({k: v for k, v in result["flat"].items()}, step=trainer.global_step)
-        print_comparison(base, tuned, title=f"{cfg.run_name}: base vs tuned on {evaluator.split}")
+        print_comparison(base, tuned, title=title, few_shot=results["few_shot"].metrics if "few_shot" in results else None)
+
         rundir.write_json_atomic(run_dir / rundir.METRICS, result["metrics"])  # last: marks the run finished
         failed = False
         return result["flat"]
