@@ -31,6 +31,17 @@ def die(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def user_error(err: BaseException) -> TunelabError | None:
+    """The TunelabError behind an exception, if any (hydra's instantiate wraps what targets raise)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, TunelabError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def one_line(err: BaseException) -> str:
     """Hydra's multi-line composition errors folded into one readable line."""
     text = str(err).split("Config search path")[0]

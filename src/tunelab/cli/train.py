@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.cli.common import die, preflight, quiet_libraries
+from tunelab.cli.common import die, preflight, quiet_libraries, user_error
 from tunelab.errors import TunelabError
 from tunelab.paths import CONF_DIR
 
@@ -25,7 +25,10 @@ def hydra_entry(cfg: DictConfig) -> float | None:
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
-        metrics = train(cfg)
+        try:
+            metrics = train(cfg)
+        except Exception as err:
+            raise user_error(err) or err
     except TunelabError as err:
         rundir.mark_failed(Path(cfg.paths.run_dir), str(err))
         if multirun:  # the sweep goes on; this job is reported as failed

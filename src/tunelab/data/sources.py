@@ -126,10 +126,10 @@ def split_records(splits: dict[str, Records], val_size: float, test_size: float,
     if not missing:
         return {"val": [], "test": [], **splits}
     random.Random(seed).shuffle(train)
-    result = dict(splits)
+    result, total = dict(splits), len(train)
     for name in missing:
         size = val_size if name == "val" else test_size
-        count = math.ceil(size * len(train)) if size < 1 else int(size)
+        count = math.ceil(size * total) if size < 1 else int(size)  # fractions of the whole source
         if count >= len(train):
             raise TunelabError(
                 f"data.{name}_size={size} leaves no training examples out of {len(splits['train'])}; make it smaller"

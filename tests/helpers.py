@@ -1,0 +1,52 @@
+"""Helpers for tests: compose a config like the CLI does, and run the train function in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from tunelab.paths import CONF_DIR
+
+# A tiny random Llama, CSV only, no progress bars: a run takes seconds.
+FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
+
+
+def embedded_tokenizer():
+    from tunelab.models.loading import load_tokenizer
+
+    return load_tokenizer("embedded:smollm2-135m-instruct")
+
+
+def make_cfg(run_dir: Path, *overrides: str, fast: bool = True) -> DictConfig:
+    """The job config the CLI would build for these overrides, with Hydra's runtime set up."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*(FAST if fast else []), *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.paths.run_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_train(run_dir: Path, *overrides: str) -> dict:
+    from tunelab.train import train
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return train(make_cfg(run_dir, *overrides))
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,60 @@
+"""Every group composes; overrides use the spellings users know; the CLI prints the config."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+from peft import LoraConfig
+
+from tests.helpers import make_cfg
+from tunelab.models import FullFineTuning
+
+METHODS = ["sft", "pretrain"]
+ADAPTERS = ["full", "lora"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_every_method_and_adapter_composes(tmp_path, method, adapter):
+    cfg = make_cfg(tmp_path, f"method={method}", f"adapter={adapter}")
+    assert cfg.method.name == method
+    built = instantiate(cfg.adapter, _convert_="all")
+    assert isinstance(built, LoraConfig if adapter == "lora" else FullFineTuning)
+
+
+def test_peft_option_names_pass_through(tmp_path):
+    cfg = make_cfg(tmp_path, "adapter=lora", "adapter.r=16", "adapter.target_modules=all-linear",
+                   "adapter.lora_alpha=32")
+    lora = instantiate(cfg.adapter, _convert_="all")
+    assert (lora.r, lora.lora_alpha, lora.target_modules) == (16, 32, "all-linear")
+    listed = instantiate(make_cfg(tmp_path, "adapter.target_modules=[q_proj,v_proj]").adapter, _convert_="all")
+    assert set(listed.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_adapter_sets_its_own_default_learning_rate(tmp_path):
+    assert make_cfg(tmp_path, "adapter=full").optimizer.lr < make_cfg(tmp_path, "adapter=lora").optimizer.lr
+    assert make_cfg(tmp_path, "adapter=full", "optimizer.lr=0.123").optimizer.lr == 0.123
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp", "deepspeed"])
+def test_trainer_groups_compose(tmp_path, trainer):
+    cfg = make_cfg(tmp_path, f"trainer={trainer}", fast=False)
+    assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+    assert cfg.trainer.use_distributed_sampler is False
+
+
+@pytest.mark.parametrize("logger", ["wandb", "csv", "tensorboard", "mlflow", "none"])
+def test_logger_groups_compose_and_csv_rides_along(tmp_path, logger):
+    cfg = make_cfg(tmp_path, f"logger={logger}")
+    names = set(cfg.logger or {})
+    assert (logger in names) or logger == "none"
+    if logger != "none":
+        assert "csv" in names
+
+
+def test_cfg_job_prints_the_composed_config():
+    out = subprocess.run([sys.executable, "-m", "tunelab.cli.train", "--cfg", "job", "adapter.r=12"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "r: 12" in out.stdout and "_target_: peft.LoraConfig" in out.stdout

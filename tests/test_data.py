@@ -1,0 +1,140 @@
+"""Formats, templates, label masks, packing, splits and readers, with the embedded tokenizer."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from tests.helpers import write_jsonl
+from tunelab.data.formats import Conversation, Document, normalize
+from tunelab.data.sources import load_splits, split_records
+from tunelab.data.templates import PromptFormatter
+from tunelab.data.tokenize import IGNORE, PackedTokenizer, SupervisedTokenizer
+from tunelab.errors import TunelabError
+
+PAIR = {"instruction": "Name the capital of Peru.", "input": "", "output": "The capital of Peru is Lima."}
+
+
+def supervised_text(tokenizer, row):
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE])
+
+
+def test_response_and_its_eos_are_supervised_and_the_prompt_is_not(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the embedded model's trap
+    examples = normalize([PAIR])
+    rows, _ = SupervisedTokenizer()(examples, PromptFormatter(tokenizer), max_length=256)
+    row = rows[0]
+    target = supervised_text(tokenizer, row)
+    assert target.startswith("The capital of Peru is Lima.<|im_end|>")
+    assert tokenizer.eos_token_id in [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE]
+    prompt_ids = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab == IGNORE]
+    assert "Name the capital of Peru." in tokenizer.decode(prompt_ids)
+    # the prompt is exactly what evaluation will feed the model
+    prompt = PromptFormatter(tokenizer).generation_prompt(examples[0].prompt)
+    assert tokenizer.decode(row["input_ids"]).startswith(prompt)
+
+
+def test_train_on_prompt_supervises_everything(tokenizer):
+    rows, _ = SupervisedTokenizer(train_on_prompt=True)(normalize([PAIR]), PromptFormatter(tokenizer), 256)
+    assert rows[0]["labels"] == rows[0]["input_ids"]
+
+
+def test_multi_turn_messages_supervise_every_assistant_turn(tokenizer):
+    record = {"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+        {"role": "user", "content": "Capital of Chad?"}, {"role": "assistant", "content": "N'Djamena."},
+    ]}
+    rows, _ = SupervisedTokenizer()(normalize([record]), PromptFormatter(tokenizer), 256)
+    target = supervised_text(tokenizer, rows[0])
+    assert "Hello there." in target and "N'Djamena." in target
+    assert "Capital of Chad?" not in target and target.count("<|im_end|>") == 2
+
+
+def test_custom_template_and_field_mapping(tokenizer):
+    records = [{"question": "2+2?", "answer": "4"}]
+    examples = normalize(records, fields={"prompt": "question", "completion": "answer"})
+    formatter = PromptFormatter(tokenizer, "### Q:\n{prompt}\n### A:\n")
+    rows, _ = SupervisedTokenizer()(examples, formatter, 64)
+    assert tokenizer.decode(rows[0]["input_ids"]) == "### Q:\n2+2?\n### A:\n4<|im_end|>"
+    assert supervised_text(tokenizer, rows[0]) == "4<|im_end|>"
+
+
+@pytest.mark.parametrize("record, expected", [
+    (PAIR, "Name the capital of Peru."),
+    ({"instruction": "Translate.", "input": "hola", "output": "hello"}, "Translate.\n\nhola"),
+    ({"prompt": "P?", "completion": "C."}, "P?"),
+    ({"prompt": [{"role": "user", "content": "P?"}], "completion": [{"role": "assistant", "content": "C."}]}, "P?"),
+    ({"messages": [{"role": "user", "content": "P?"}, {"role": "assistant", "content": "C."}]}, "P?"),
+])
+def test_formats_normalise_to_conversations(record, expected):
+    (example,) = normalize([record])
+    assert isinstance(example, Conversation)
+    assert example.prompt[-1]["content"] == expected and example.reference
+
+
+def test_text_format_is_a_document():
+    assert normalize([{"text": "abc"}]) == [Document("abc")]
+
+
+def test_packing_joins_documents_with_eos_and_supervises_every_token(tokenizer):
+    docs = normalize([{"text": "alpha beta gamma"}, {"text": "delta epsilon"}, {"text": "zeta"}])
+    rows, report = PackedTokenizer(block_size=4)(docs, PromptFormatter(tokenizer), max_length=999)
+    stream = [t for r in rows for t in r["input_ids"]]
+    assert all(len(r["input_ids"]) == 4 for r in rows[:-1])
+    assert all(r["labels"] == r["input_ids"] for r in rows)
+    assert stream.count(tokenizer.eos_token_id) == 3
+    text = tokenizer.decode(stream)
+    assert text == "alpha beta gamma<|im_end|>delta epsilon<|im_end|>zeta<|im_end|>"
+
+
+def test_truncation_keeps_max_length_and_drops_examples_with_no_response_left(tokenizer):
+    long = {"instruction": "word " * 200, "output": "short answer"}
+    rows, report = SupervisedTokenizer()(normalize([PAIR, long]), PromptFormatter(tokenizer), max_length=48)
+    assert len(rows) == 1 and report.dropped_no_target == 1
+    assert all(len(r["input_ids"]) <= 48 for r in rows)
+
+
+def test_split_is_deterministic_from_the_seed():
+    records = {"train": [{"i": i} for i in range(100)]}
+    a = split_records(records, 0.1, 0.2, seed=3)
+    b = split_records(records, 0.1, 0.2, seed=3)
+    c = split_records(records, 0.1, 0.2, seed=4)
+    assert a == b and a != c
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (70, 10, 20)
+    assert not {r["i"] for r in a["train"]} & {r["i"] for r in a["test"]}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_local_file_types_load_the_same_records(tmp_path, suffix):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    assert load_splits(str(path))["train"] == rows
+
+
+def test_malformed_json_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": oops}\n')
+    with pytest.raises(TunelabError, match=r"bad.jsonl:2: malformed JSON"):
+        load_splits(str(path))
+
+
+def test_missing_fields_say_which_are_missing_and_which_exist():
+    with pytest.raises(TunelabError, match=r"records have fields \[question, answer\]"):
+        normalize([{"question": "q", "answer": "a"}])
+    with pytest.raises(TunelabError, match=r"needs fields \[completion\].*have \[prompt\]"):
+        normalize([{"prompt": "q"}], fmt="prompt_completion")
+
+
+def test_missing_file_and_chat_template_checks(tmp_path, tokenizer):
+    with pytest.raises(TunelabError, match="does not exist"):
+        load_splits(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(TunelabError, match="must contain"):
+        PromptFormatter(tokenizer, "no placeholder")
