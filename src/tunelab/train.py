@@ -69,12 +69,16 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
                              tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
     datamodule.setup("fit")  # data errors surface now, before anything slow
-    model = apply_adapter(model, instantiate(cfg.adapter, _convert_="all"))
+    adapter = instantiate(cfg.adapter, _convert_="all")
+    if cfg.method.get("prepare"):  # methods that reshape the network first (e.g. a reward head)
+        model, adapter = instantiate(cfg.method.prepare, _convert_="all")(model, tokenizer, adapter)
+    model = apply_adapter(model, adapter)
     params = count_parameters(model)
     log.info("parameters: %(trainable_params)d trainable of %(total_params)d", params)
     module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
                          scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
-    evaluator = instantiate(cfg.eval, _convert_="all")
+    # A method whose output is not a text generator (a reward model) brings its own evaluator.
+    evaluator = instantiate(cfg.method.get("evaluator") or cfg.eval, _convert_="all")
 
     baselines = {}  # base (and few-shot base): evaluated before training, saved for a resume
     if evaluator.compare_base and rank_zero_only.rank == 0:
@@ -109,7 +113,6 @@ def train(cfg: DictConfig) -> dict:
         for logger in loggers:
             logger.log_metrics({k: v for k, v in result["flat"].items()}, step=trainer.global_step)
         print_comparison(base, tuned, title=title, few_shot=results["few_shot"].metrics if "few_shot" in results else None)
-
         rundir.write_json_atomic(run_dir / rundir.METRICS, result["metrics"])  # last: marks the run finished
         failed = False
         return result["flat"]
