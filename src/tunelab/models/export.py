@@ -28,8 +28,9 @@ def save_final(model, tokenizer, folder: Path, base_path: str | None) -> Path:
 
 def save_base(model, folder: Path) -> str:
     """Write the frozen base of a PEFT model (for bases with no folder of their own, e.g. the tiny model)."""
-    with model.disable_adapter():
-        model.get_base_model().save_pretrained(folder)
+    # unload() on a copy strips the LoRA layers; saving get_base_model() would keep their
+    # `base_layer` names, which a plain from_pretrained does not recognise.
+    copy.deepcopy(model).unload().save_pretrained(folder)
     return str(folder)
 
 
