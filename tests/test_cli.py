@@ -71,3 +71,17 @@ def test_help_lists_groups_and_examples():
                          timeout=120)
     assert out.returncode == 0
     assert "adapter: full, lora" in out.stdout and "tunelab-train -m adapter=full,lora" in out.stdout
+
+
+@pytest.mark.parametrize("trainer, fragment", [("gpu", "no CUDA GPU"), ("fsdp", "trainer=fsdp"),
+                                               ("deepspeed", "pip install deepspeed")])
+def test_trainers_this_machine_cannot_run_say_so(tmp_path, trainer, fragment):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    from tests.helpers import run_train
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match=fragment):
+        run_train(tmp_path, f"trainer={trainer}")

@@ -1,0 +1,21 @@
+"""Check that the chosen trainer can run on this machine, before anything slow starts."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from tunelab.errors import TunelabError
+
+
+def check_trainer(trainer_cfg) -> None:
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    strategy = str(trainer_cfg.get("strategy", "auto"))
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise TunelabError("trainer=deepspeed needs the deepspeed package: pip install deepspeed (and a GPU)")
+    if strategy.startswith("fsdp") and not torch.cuda.is_available():
+        raise TunelabError("trainer=fsdp shards over GPUs and none is visible; use trainer=ddp on CPU")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise TunelabError(f"trainer asks for accelerator={accelerator} but no CUDA GPU is visible; "
+                           "use trainer=cpu (or trainer=ddp for several CPU processes)")
