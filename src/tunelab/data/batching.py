@@ -70,7 +70,8 @@ class StepBatchSampler(Sampler):
             # Sort within megabatches so batches hold similar lengths (less padding), then shuffle
             # the batches so lengths do not trend over the epoch.
             lengths = self.dataset.lengths
-            size = self.batch_size * self.megabatch_factor
+            # Sized by the global batch, so N ranks at batch B group exactly as 1 process at N*B.
+            size = self.batch_size * self.world()[1] * self.megabatch_factor
             mega = [sorted(indices[i : i + size], key=lambda j: -lengths[j]) for i in range(0, len(indices), size)]
             indices = [j for chunk in mega for j in chunk]
         return indices

@@ -7,6 +7,7 @@ import logging
 import pytorch_lightning as pl
 
 from tunelab.data.batching import Collator, ResumableDataLoader, StepBatchSampler, TokenizedDataset
+from tunelab.data.cache import TokenCache, cache_key
 from tunelab.data.formats import Conversation, normalize
 from tunelab.data.sources import load_splits, split_records
 from tunelab.data.templates import PromptFormatter
@@ -39,8 +40,10 @@ class DataModule(pl.LightningDataModule):
         seed: int = 0,
         accumulate_grad_batches: int = 1,
         tokenization=None,
+        cache: bool = True,
     ):
         super().__init__()
+        self.cache = cache  # reuse tokenised splits from TUNELAB_CACHE/data (tunelab.data.cache)
         self.tokenizer = tokenizer
         self.source, self.subset, self.format = source, subset, format
         self.fields = dict(fields or {})
@@ -67,7 +70,15 @@ class DataModule(pl.LightningDataModule):
         splits = split_records(raw, self.val_size, self.test_size, self.split_seed)
         if self.max_train_examples:
             splits["train"] = splits["train"][: self.max_train_examples]
+        cache = TokenCache(cache_key(self, splits)) if self.cache else None
+        cached = cache.load() if cache else None
+        if cached is not None:
+            log.info("data: tokenised splits reused from the cache (%s)", cache.path)
         for name, records in splits.items():
+            if cached is not None:
+                self.examples[name], rows = cached[name]
+                self.datasets[name] = TokenizedDataset(rows)
+                continue
             self.examples[name] = normalize(records, self.format, self.fields, self.system_prompt)
             rows, report = self.tokenization(self.examples[name], self.formatter, self.max_length)
             if report.dropped_no_target:
@@ -79,6 +90,8 @@ class DataModule(pl.LightningDataModule):
                     "raise data.max_length or shorten the prompts"
                 )
             self.datasets[name] = TokenizedDataset(rows)
+        if cache and cached is None and self.datasets["train"].rows:
+            cache.save({name: (self.examples[name], self.datasets[name].rows) for name in splits})
         if not self.datasets["train"].rows:
             raise TunelabError(f"the training split of {self.source} is empty; check the data and its filters")
         log.info("data: %s", ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))

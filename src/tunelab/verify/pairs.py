@@ -1,0 +1,271 @@
+"""The pairs: two short trainings (or a model and its export) that must agree, and by how much they do.
+
+Each pair is a function (context) -> PairResult. A pair that does not apply to the config is
+SKIP with the reason, never PASS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from tunelab.verify.runner import compose_train_cfg, max_relative_gap, short_fit
+
+PASS, FAIL, SKIP = "pass", "FAIL", "skip"
+
+
+@dataclass
+class PairResult:
+    name: str
+    status: str
+    measured: dict[str, float] = field(default_factory=dict)
+    tolerance: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASS
+
+
+@dataclass
+class Context:
+    """The user's overrides, the verify settings, and a scratch folder for the trainings."""
+
+    overrides: list[str]
+    settings: DictConfig
+    work_dir: Path
+
+    def overrides_for(self, *extra: str, steps: int | None = None, single_process: bool = True) -> list[str]:
+        """The user's overrides with the pair's own on top (a later value of a key replaces an earlier one)."""
+        s = self.settings
+        ours = [f"trainer.max_steps={steps or s.steps}", "trainer.max_epochs=-1", "trainer.limit_val_batches=0",
+                "logger=none", f"data.max_train_examples={s.max_train_examples}"]
+        if s.tiny:
+            ours.append("model=tiny_llama")
+        if s.max_length:
+            ours.append(f"data.max_length={s.max_length}")
+        if s.precision:
+            ours.append(f"trainer.precision={s.precision}")
+        if single_process:
+            ours += ["trainer.strategy=auto", "trainer.devices=1"]
+        return merge_overrides(self.overrides, ours, list(extra))
+
+    def cfg(self, overrides: list[str], name: str) -> tuple[DictConfig, Path]:
+        run_dir = self.work_dir / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return compose_train_cfg(overrides, run_dir), run_dir
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def merge_overrides(*groups: list[str]) -> list[str]:
+    merged: dict[str, str] = {}
+    for group in groups:
+        for override in group:
+            merged.pop(override_key(override), None)
+            merged[override_key(override)] = override
+    return list(merged.values())
+
+
+def judge(name: str, measured: dict[str, float], tolerance: dict[str, float], note: str = "") -> PairResult:
+    over = [k for k, v in measured.items() if not v <= tolerance.get(k, math.inf)]
+    if over:
+        gaps = ", ".join(f"{k} differs by {measured[k]:.3g} > {tolerance[k]:.3g}" for k in over)
+        return PairResult(name, FAIL, measured, tolerance, f"{gaps}. {note}".strip())
+    return PairResult(name, PASS, measured, tolerance, note)
+
+
+def tolerances(ctx: Context, name: str) -> dict[str, float]:
+    return {k: float(v) for k, v in ctx.settings.tolerance[name].items()}
+
+
+def seeded(ctx: Context) -> PairResult:
+    """The same config and seed twice: per-step losses and grad norms must repeat."""
+    overrides = ctx.overrides_for()
+    a = short_fit(*ctx.cfg(overrides, "seeded_a"))
+    b = short_fit(*ctx.cfg(overrides, "seeded_b"))
+    measured = {"loss": max_relative_gap(a.losses, b.losses), "grad_norm": max_relative_gap(a.grad_norms, b.grad_norms)}
+    return judge("seeded run twice", measured, tolerances(ctx, "seeded"), f"{len(a.losses)} steps each")
+
+
+def accumulation(ctx: Context) -> PairResult:
+    """Batch B with accumulation k against batch B*k, same examples per step (length grouping off)."""
+    batch, k = int(ctx.settings.batch_size), int(ctx.settings.accumulate)
+    common = ["data.group_by_length=false"]  # grouping sorts within megabatches sized by the batch, so orders differ
+    a = short_fit(*ctx.cfg(ctx.overrides_for(*common, f"data.batch_size={batch}",
+                                             f"trainer.accumulate_grad_batches={k}"), "accumulation_a"))
+    b = short_fit(*ctx.cfg(ctx.overrides_for(*common, f"data.batch_size={batch * k}",
+                                             "trainer.accumulate_grad_batches=1"), "accumulation_b"))
+    measured = {"loss": max_relative_gap(a.losses, b.losses), "grad_norm": max_relative_gap(a.grad_norms, b.grad_norms)}
+    return judge(f"batch {batch} x accum {k} vs batch {batch * k}", measured, tolerances(ctx, "accumulation"),
+                 f"{len(a.losses)} steps")
+
+
+def resume(ctx: Context) -> PairResult:
+    """N steps, checkpoint, fresh objects resume for N more, against 2N uninterrupted (at batch B x k,
+    so the checkpoint falls inside an accumulation group's epoch and the run crosses an epoch boundary)."""
+    n, batch, k = int(ctx.settings.steps), int(ctx.settings.batch_size), int(ctx.settings.accumulate)
+    overrides = ctx.overrides_for(f"data.batch_size={batch}", f"trainer.accumulate_grad_batches={k}", steps=2 * n)
+    whole = short_fit(*ctx.cfg(overrides, "resume_whole"))
+    cfg, first_dir = ctx.cfg(overrides, "resume_first")
+    first = short_fit(cfg, first_dir, stop_after=n, save_every=n)
+    checkpoint = first_dir / "checkpoints" / f"step={n}.ckpt"
+    if not checkpoint.is_file():
+        return PairResult("resume vs uninterrupted", FAIL, note=f"no checkpoint was written at step {n}")
+    second = short_fit(*ctx.cfg(overrides, "resume_second"), ckpt_path=str(checkpoint))
+    measured = {"loss": max_relative_gap(whole.losses, first.losses[:n] + second.losses),
+                "lr": max_relative_gap(whole.lrs, first.lrs[:n] + second.lrs)}
+    epoch_steps = len(whole.datamodule.train_dataloader()) // max(1, int(whole.datamodule.accumulate_grad_batches))
+    return judge("resume vs uninterrupted", measured, tolerances(ctx, "resume"),
+                 f"{n}+{len(second.losses)} vs {len(whole.losses)} steps; an epoch is ~{epoch_steps} steps")
+
+
+def merge(ctx: Context) -> PairResult:
+    """The adapter model in `final/` against the LoRA-merged model in `merged/`, both loaded from disk."""
+    from tunelab.models.adapters import is_peft
+
+    cfg, run_dir = ctx.cfg(ctx.overrides_for(), "merge")
+    if str(cfg.adapter.get("_target_", "")).endswith("FullFineTuning"):
+        return PairResult("adapter vs merged", SKIP, note="adapter=full trains every weight: there is nothing to merge")
+    trace = short_fit(cfg, run_dir)
+    model = trace.module.model
+    if not is_peft(model):
+        return PairResult("adapter vs merged", SKIP, note="the model carries no PEFT adapter: there is nothing to merge")
+    measured = compare_exports(cfg, run_dir, model, trace.datamodule, int(ctx.settings.merge_batches))
+    return judge("adapter vs merged", measured, tolerances(ctx, "merge"), "final/ and merged/ loaded from disk")
+
+
+def compare_exports(cfg: DictConfig, run_dir: Path, model, datamodule, batches: int) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.methods.base import token_loss_sum
+    from tunelab.models.export import save_final, save_merged
+    from tunelab.train import base_model_path
+
+    tokenizer = datamodule.tokenizer
+    save_final(model, tokenizer, run_dir / "final", base_model_path(cfg, model, run_dir))
+    probe = next(iter(datamodule.loader("train", train=False, shard=False)))
+    probe = {k: probe[k] for k in ("input_ids", "attention_mask")}
+    save_merged(model, tokenizer, run_dir / "merged", probe, math.inf)  # measured below, from disk
+    adapter = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32).eval()
+    gap, sums = 0.0, {"adapter": [0.0, 0], "merged": [0.0, 0]}
+    with torch.no_grad():
+        for index, batch in enumerate(datamodule.loader("val" if datamodule.datasets["val"].rows else "train",
+                                                        train=False, shard=False)):
+            if index >= batches:
+                break
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            logits = {"adapter": adapter(**inputs).logits, "merged": merged(**inputs).logits}
+            mask = batch["attention_mask"].bool()
+            gap = max(gap, (logits["adapter"] - logits["merged"]).abs()[mask].max().item())
+            for name, value in logits.items():
+                loss, count = token_loss_sum(value, batch["labels"])
+                sums[name][0] += loss.item()
+                sums[name][1] += int(count)
+    ppl = {name: math.exp(total / max(count, 1)) for name, (total, count) in sums.items()}
+    return {"logits": gap, "perplexity": abs(ppl["adapter"] - ppl["merged"]) / ppl["adapter"]}
+
+
+def ddp(ctx: Context) -> PairResult:
+    """2 processes at batch B against 1 process at batch 2B: the same global batch, the same losses."""
+    devices, batch = int(ctx.settings.ddp_devices), int(ctx.settings.batch_size)
+    single = short_fit(*ctx.cfg(ctx.overrides_for(f"data.batch_size={batch * devices}",
+                                                  "trainer.accumulate_grad_batches=1"), "ddp_single"))
+    overrides = ctx.overrides_for(f"data.batch_size={batch}", "trainer.accumulate_grad_batches=1",
+                                  "trainer.strategy=ddp", f"trainer.devices={devices}", single_process=False)
+    try:
+        multi = run_worker(overrides, ctx.work_dir / "ddp_multi", float(ctx.settings.ddp_timeout_s))
+    except RuntimeError as err:
+        return PairResult(f"DDP {devices} procs vs 1", FAIL, note=str(err))
+    measured = {"loss": max_relative_gap(single.losses, multi["losses"]),
+                "grad_norm": max_relative_gap(single.grad_norms, multi["grad_norms"]),
+                "batches": differing_global_batches(ctx, single.datamodule.tokenizer, batch, devices)}
+    return judge(f"DDP {devices} procs vs 1", measured, tolerances(ctx, "ddp"),
+                 f"global batch {batch * devices}, {len(single.losses)} steps")
+
+
+def differing_global_batches(ctx: Context, tokenizer, batch: int, devices: int) -> float:
+    """Share of global batches whose examples differ between N ranks at B and 1 process at N*B, over
+    the whole training split for two epochs (the short trainings see too few examples to show it)."""
+    from hydra.utils import instantiate
+
+    from tunelab.data.batching import StepBatchSampler
+
+    cfg, _ = ctx.cfg(ctx.overrides_for("data.max_train_examples=null"), "ddp_sampler")
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
+                             tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
+    datamodule.setup("fit")
+    dataset, differ, total = datamodule.datasets["train"], 0, 0
+    for epoch in range(2):
+        one = StepBatchSampler(dataset, batch * devices, seed=datamodule.seed, group_by_length=datamodule.group_by_length)
+        ranks = StepBatchSampler(dataset, batch, seed=datamodule.seed, group_by_length=datamodule.group_by_length)
+        ranks.world = lambda: (0, devices)  # the grouping every rank computes (each then takes its shard)
+        one.set_epoch(epoch), ranks.set_epoch(epoch)
+        a = [sorted(b[0]) for b in one.global_batches()]
+        b = [sorted(j for shard in group for j in shard) for group in ranks.global_batches()]
+        differ += sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+        total += max(len(a), len(b))
+    return differ / max(total, 1)
+
+
+def run_worker(overrides: list[str], run_dir: Path, timeout: float) -> dict:
+    """A short fit in a fresh process (Lightning launches the other ranks by re-running it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "trace.json"
+    command = [sys.executable, "-m", "tunelab.verify.worker", str(out), str(run_dir), *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    if done.returncode != 0 or not out.is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"the multi-process run failed (exit {done.returncode}): {' | '.join(tail)}")
+    return json.loads(out.read_text())
+
+
+def packing(ctx: Context) -> PairResult:
+    cfg, _ = ctx.cfg(ctx.overrides_for(), "packing")
+    target = str(cfg.method.tokenization.get("_target_", ""))
+    if not target.endswith("PackedTokenizer"):
+        return PairResult("packed vs unpacked", SKIP, note="packing is off (one example per sequence)")
+    return PairResult("packed vs unpacked", SKIP,
+                      note="not checked yet: packed blocks carry no per-document attention mask to compare against")
+
+
+PAIRS: dict[str, Callable[[Context], PairResult]] = {
+    "seeded": seeded,
+    "accumulation": accumulation,
+    "resume": resume,
+    "merge": merge,
+    "packing": packing,
+    "ddp": ddp,
+}
+
+
+def run_pairs(overrides: list[str], settings: DictConfig, work_dir: Path | None = None,
+              on_result: Callable[[PairResult], None] | None = None) -> list[PairResult]:
+    """Run the pairs named in settings.pairs, in that order."""
+    from tunelab.errors import TunelabError
+
+    unknown = [name for name in settings.pairs if name not in PAIRS]
+    if unknown:
+        raise TunelabError(f"unknown verify pair(s) {', '.join(unknown)}; choose from {', '.join(PAIRS)}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tunelab-verify-") as tmp:
+        ctx = Context(list(overrides), settings, Path(work_dir or tmp))
+        for name in settings.pairs:
+            result = PAIRS[name](ctx)
+            results.append(result)
+            if on_result:
+                on_result(result)
+    return results

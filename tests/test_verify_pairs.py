@@ -1,0 +1,117 @@
+"""tunelab-verify's pairs on the tiny model: each passes as built, and fails when its mechanism is broken."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from tunelab.paths import CONF_DIR
+from tunelab.verify.pairs import FAIL, PASS, SKIP, Context, accumulation, merge, packing, resume, seeded
+
+# verify's own defaults: 16 examples at batch 2 x accumulation 2 are 4 steps an epoch, so the resume
+# pair checkpoints at step 3 (mid-epoch) and resumes across the epoch boundary.
+SMALL = {"tiny": True}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Short CPU fits on a shared 2-core machine run several times faster without thread contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def context(tmp_path, *overrides: str, **settings) -> Context:
+    loaded = OmegaConf.merge(OmegaConf.load(CONF_DIR / "verify.yaml"), SMALL, settings)
+    return Context(list(overrides), loaded, tmp_path)
+
+
+def test_seeded_pair_passes_and_fails_without_the_seed(tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    ok = seeded(context(tmp_path / "ok"))
+    assert ok.status == PASS, ok
+    assert ok.measured == {"loss": 0.0, "grad_norm": 0.0}
+
+    # Broken on purpose: the seed is never applied, so the LoRA initialisation differs between runs.
+    monkeypatch.setattr(pl, "seed_everything", lambda *args, **kwargs: None)
+    broken = seeded(context(tmp_path / "broken"))
+    assert broken.status == FAIL, broken
+    assert max(broken.measured.values()) > 0 and "differs by" in broken.note
+
+
+def test_accumulation_pair_passes_and_fails_with_a_per_micro_batch_mean(tmp_path, monkeypatch):
+    from tunelab.methods.base import CausalLMModule
+
+    ok = accumulation(context(tmp_path / "ok"))
+    assert ok.status == PASS, ok
+
+    # Broken on purpose: each micro-batch's own mean, as most trainers do; micro-batches hold
+    # different numbers of response tokens, so the step is no longer the batch of B*k.
+    def mean_per_micro_batch(self, batch, batch_idx):
+        loss_sum, tokens = self.loss_sum(batch)
+        return loss_sum / tokens.clamp(min=1)
+
+    monkeypatch.setattr(CausalLMModule, "training_step", mean_per_micro_batch)
+    broken = accumulation(context(tmp_path / "broken"))
+    assert broken.status == FAIL, broken
+    assert broken.measured["loss"] > broken.tolerance["loss"]
+
+
+def test_resume_pair_passes_and_fails_when_the_schedule_is_not_restored(tmp_path, monkeypatch):
+    from tunelab.methods.base import LanguageModelModule
+
+    ok = resume(context(tmp_path / "ok"))
+    assert ok.status == PASS, ok
+
+    # Broken on purpose: the checkpoint loses the scheduler state; the resumed run restarts warmup.
+    keep_trainable = LanguageModelModule.on_save_checkpoint
+
+    def drop_scheduler(self, checkpoint):
+        keep_trainable(self, checkpoint)
+        checkpoint["lr_schedulers"] = []
+
+    monkeypatch.setattr(LanguageModelModule, "on_save_checkpoint", drop_scheduler)
+    broken = resume(context(tmp_path / "broken"))
+    assert broken.status == FAIL, broken
+    assert broken.measured["lr"] > broken.tolerance["lr"] and broken.measured["loss"] > broken.tolerance["loss"]
+
+
+def test_resume_pair_fails_when_the_data_position_is_not_restored(tmp_path, monkeypatch):
+    from tunelab.data.batching import ResumableDataLoader
+
+    # Broken on purpose: the loader forgets where it was, so the resumed run sees the epoch's first batches again.
+    monkeypatch.setattr(ResumableDataLoader, "load_state_dict", lambda self, state: None)
+    broken = resume(context(tmp_path))
+    assert broken.status == FAIL, broken
+
+
+def test_merge_pair_passes_and_fails_when_the_merge_drops_the_adapter(tmp_path, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    ok = merge(context(tmp_path / "ok"))
+    assert ok.status == PASS, ok
+    assert (tmp_path / "ok" / "merge" / "final" / "adapter_config.json").is_file()
+
+    # Broken on purpose: "merging" that unloads the adapter without folding it into the weights.
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *a, **k: self.unload())
+    broken = merge(context(tmp_path / "broken"))
+    assert broken.status == FAIL, broken
+    assert broken.measured["logits"] > broken.tolerance["logits"]
+
+
+def test_pairs_that_do_not_apply_are_skipped_with_the_reason(tmp_path):
+    full = merge(context(tmp_path, "adapter=full"))
+    assert full.status == SKIP and "nothing to merge" in full.note
+    unpacked = packing(context(tmp_path))
+    assert unpacked.status == SKIP and "packing is off" in unpacked.note
+
+
+def test_tolerances_are_config_values(tmp_path):
+    # With a negative tolerance nothing can pass: the verdict comes from the config, not from the code.
+    strict = context(tmp_path, tolerance={"seeded": {"loss": -1.0, "grad_norm": -1.0}})
+    result = seeded(strict)
+    assert result.status == FAIL and result.tolerance["loss"] == -1.0
