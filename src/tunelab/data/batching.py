@@ -84,15 +84,12 @@ class StepBatchSampler(Sampler):
         _, size = self.world()
         order = self.order()
         step = self.batch_size * size
-        batches = []
-        for start in range(0, len(order), step):
-            chunk = order[start : start + step]
-            if len(chunk) < size:  # too few to give every rank an example: drop, as DistributedSampler would pad
-                break
-            batches.append([chunk[r::size] for r in range(size)])
+        chunks = [order[start : start + step] for start in range(0, len(order), step)]
         if self.shuffle and self.group_by_length:
-            random.Random(self.seed * 7919 + self.epoch).shuffle(batches)
-        return batches
+            random.Random(self.seed * 7919 + self.epoch).shuffle(chunks)
+        # A chunk too small to give every rank an example is dropped (DistributedSampler would pad);
+        # after the shuffle, so the other batches keep the order one process at N*B sees.
+        return [[chunk[r::size] for r in range(size)] for chunk in chunks if len(chunk) >= size]
 
     def __iter__(self):
         rank, _ = self.world()
