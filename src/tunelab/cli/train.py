@@ -21,33 +21,39 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from tunelab import rundir
+    from tunelab.multirun import optimized_value, sweep_job
     from tunelab.train import train
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
-    try:
+    with sweep_job(cfg):  # multirun: W&B tags/name from the swept values; DDP children run this job only
         try:
-            metrics = train(cfg)
-        except Exception as err:
-            raise user_error(err) or err
-    except TunelabError as err:
-        rundir.mark_failed(Path(cfg.paths.run_dir), str(err))
-        if multirun:  # the sweep goes on; this job is reported as failed
-            log.error("run failed: %s", err)
-            return float("nan")
-        die(str(err), err.exit_code)
-    except BaseException as err:
-        rundir.mark_failed(Path(cfg.paths.run_dir), f"{type(err).__name__}: {err}")
-        raise
-    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+            try:
+                return optimized_value(train(cfg), cfg.get("optimized_metric"), strict=multirun)
+            except Exception as err:
+                raise user_error(err) or err
+        except TunelabError as err:
+            rundir.mark_failed(Path(cfg.paths.run_dir), str(err))
+            if multirun:  # the sweep goes on; this job is reported as failed
+                log.error("run failed: %s", err)
+                return float("nan")
+            die(str(err), err.exit_code)
+        except BaseException as err:
+            rundir.mark_failed(Path(cfg.paths.run_dir), f"{type(err).__name__}: {err}")
+            raise
 
 
 def main() -> None:
+    from tunelab.provenance import report_reproduction, take_reproduce_arg
+
     quiet_libraries()
     try:
+        reproducing = take_reproduce_arg(sys.argv)  # reproduce=RUN_DIR: its recorded overrides, a fresh dir
         preflight(sys.argv[1:], "train")
     except TunelabError as err:
         die(str(err), err.exit_code)
     hydra_entry()
+    if reproducing and not report_reproduction(*reproducing):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

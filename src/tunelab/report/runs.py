@@ -1,0 +1,104 @@
+"""Read run dirs: resolved config, overrides, metrics.json, CSV curves, and whether the run finished."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from tunelab.errors import TunelabError
+
+FINISHED, FAILED, INCOMPLETE, DIVERGED = "finished", "failed", "incomplete", "diverged"
+# A folder is a run dir when it holds one of these (a run that died early may have only .hydra/).
+RUN_MARKERS = ("resolved_config.yaml", "metrics.json", "FAILED", ".hydra/config.yaml")
+
+
+@dataclass
+class Run:
+    path: Path
+    status: str
+    config: dict = field(default_factory=dict)      # resolved config, flattened to dotted keys
+    overrides: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)     # metrics.json flattened: tuned/test/loss, train/fit_seconds, ...
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def curves(self) -> pd.DataFrame:
+        """The logged CSV rows (one per step and kind); empty when the run logged none."""
+        csv = self.path / "csv" / "metrics.csv"
+        return pd.read_csv(csv) if csv.is_file() else pd.DataFrame()
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value}
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def flatten_metrics(metrics: dict) -> dict:
+    """metrics.json's sections as `section/name` keys, the way the train function returns them."""
+    flat = {}
+    for section, values in metrics.items():
+        if isinstance(values, dict):
+            flat |= {f"{section}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return flat
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def find_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Every run dir at or below the given paths (a multirun folder, a study folder, single runs)."""
+    found = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise TunelabError(f"{path} does not exist; give run dirs or folders that contain them (e.g. outputs/<study>)")
+        if is_run_dir(path):
+            found.append(path)
+            continue
+        found += sorted({marker_dir for marker in RUN_MARKERS for marker_dir in
+                         (p.parent.parent if marker.startswith(".hydra") else p.parent for p in path.rglob(marker))
+                         if is_run_dir(marker_dir) and "report" not in marker_dir.relative_to(path).parts})
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise TunelabError(f"no run dirs under {', '.join(map(str, paths))}: a run dir holds resolved_config.yaml, "
+                           "metrics.json or FAILED (outputs/<study>/runs/<time> or outputs/<study>/multirun/<time>/<n>)")
+    return unique
+
+
+def read_yaml(path: Path):
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def load_run(path: Path) -> Run:
+    config = read_yaml(path / "resolved_config.yaml") or read_yaml(path / ".hydra" / "config.yaml") or {}
+    overrides = read_yaml(path / ".hydra" / "overrides.yaml") or []
+    if (path / "metrics.json").is_file():
+        metrics = flatten_metrics(json.loads((path / "metrics.json").read_text()))
+        status = DIVERGED if diverged(metrics, flatten(config).get("optimized_metric")) else FINISHED
+    else:
+        status, metrics = (FAILED if (path / "FAILED").is_file() else INCOMPLETE), {}
+    error = (path / "FAILED").read_text().strip() if (path / "FAILED").is_file() else None
+    return Run(path=path, status=status, config=flatten(config), overrides=[str(o) for o in overrides],
+               metrics=metrics, error=error)
+
+
+def diverged(metrics: dict, optimized_metric: str | None) -> bool:
+    """Finished, but the loss (or the metric a sweep optimized) is NaN or infinite."""
+    keys = [k for k in metrics if k.startswith("tuned/") and k.endswith("loss")] + [optimized_metric]
+    return any(k in metrics and not math.isfinite(float(metrics[k])) for k in keys if k)
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    return [load_run(path) for path in find_run_dirs(paths)]

@@ -1,0 +1,47 @@
+"""Getting a study's runs to W&B: sync offline runs, or build a W&B report when online."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.loggers import wandb_has_key
+from tunelab.report.runs import Run
+
+
+def offline_runs(runs: list[Run]) -> list[Path]:
+    return sorted(p for run in runs for p in (run.path / "wandb").glob("offline-run-*") if p.is_dir())
+
+
+def wandb_hint(runs: list[Run]) -> str | None:
+    """How to upload runs that were logged offline (None when there are none)."""
+    offline = offline_runs(runs)
+    if not offline:
+        return None
+    return (f"{len(offline)} run(s) were logged offline. To see them in W&B: `wandb login`, then\n\n"
+            f"    wandb sync {' '.join(str(p) for p in offline[:3])}{' ...' if len(offline) > 3 else ''}\n\n"
+            "(or `wandb sync --sync-all` inside each run dir's wandb/ folder); "
+            "then `tunelab-report --wandb-report ...` builds the same panels as a W&B report.")
+
+
+def create_wandb_report(runs: list[Run], title: str, project: str, entity: str | None, metrics: list[str]) -> str:
+    """A W&B report with the study's runs grouped like this one (needs a key and `wandb-workspaces`)."""
+    if not wandb_has_key():
+        raise TunelabError("--wandb-report needs W&B online: `wandb login` (or set WANDB_API_KEY), "
+                           "and sync the offline runs first (see the W&B section of report.md)")
+    try:
+        import wandb_workspaces.reports.v2 as wr
+    except ImportError:
+        raise TunelabError("--wandb-report needs wandb-workspaces: pip install wandb-workspaces") from None
+    import wandb
+
+    entity = entity or wandb.Api().default_entity
+    groups = sorted({run.config.get("study") for run in runs if run.config.get("study")})
+    runset = wr.Runset(entity=entity, project=project,
+                       filters=" or ".join(f"Group = '{g}'" for g in groups) if groups else None)
+    panels = [wr.LinePlot(x="trainer/global_step", y=["train/loss"]), wr.LinePlot(x="trainer/global_step", y=["val/loss"])]
+    panels += [wr.BarPlot(metrics=[m]) for m in metrics]
+    report = wr.Report(project=project, entity=entity, title=title,
+                       blocks=[wr.PanelGrid(runsets=[runset], panels=panels)])
+    report.save()
+    return report.url
