@@ -23,6 +23,7 @@ from tunelab.loggers import finish_loggers, remember_wandb_id
 from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
 from tunelab.models.export import save_base, save_final, save_merged
 from tunelab.models.loading import resolve_model_path
+from tunelab.provenance import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
                              tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
     datamodule.setup("fit")  # data errors surface now, before anything slow
+    write_manifest(cfg, run_dir, tokenizer, datamodule)  # provenance.json: config, code, versions, hashes
     adapter = instantiate(cfg.adapter, _convert_="all")
     if cfg.method.get("prepare"):  # methods that reshape the network first (e.g. a reward head)
         model, adapter = instantiate(cfg.method.prepare, _convert_="all")(model, tokenizer, adapter)

@@ -31,10 +31,17 @@ def preprocessing_settings(datamodule) -> dict:
     }
 
 
-def cache_key(datamodule, splits: dict[str, list[dict]]) -> str:
+def data_fingerprints(datamodule, splits: dict[str, list[dict]]) -> dict[str, str]:
+    """The hashes the cache key is made of (also recorded in the run's provenance manifest)."""
     tokenizer = datamodule.tokenizer
-    return digest(FORMAT_VERSION, records_fingerprint(splits), tokenizer_fingerprint(tokenizer),
-                  template_fingerprint(tokenizer, datamodule.formatter.template), preprocessing_settings(datamodule))
+    parts = {"records": records_fingerprint(splits), "tokenizer": tokenizer_fingerprint(tokenizer),
+             "template": template_fingerprint(tokenizer, datamodule.formatter.template),
+             "preprocessing": digest(preprocessing_settings(datamodule))}
+    return {**parts, "cache_key": digest(FORMAT_VERSION, parts)}
+
+
+def cache_key(datamodule, splits: dict[str, list[dict]]) -> str:
+    return data_fingerprints(datamodule, splits)["cache_key"]
 
 
 class TokenCache:

@@ -7,7 +7,7 @@ import logging
 import pytorch_lightning as pl
 
 from tunelab.data.batching import Collator, ResumableDataLoader, StepBatchSampler, TokenizedDataset
-from tunelab.data.cache import TokenCache, cache_key
+from tunelab.data.cache import TokenCache, data_fingerprints
 from tunelab.data.formats import Conversation, normalize
 from tunelab.data.sources import load_splits, split_records
 from tunelab.data.templates import PromptFormatter
@@ -70,7 +70,8 @@ class DataModule(pl.LightningDataModule):
         splits = split_records(raw, self.val_size, self.test_size, self.split_seed)
         if self.max_train_examples:
             splits["train"] = splits["train"][: self.max_train_examples]
-        cache = TokenCache(cache_key(self, splits)) if self.cache else None
+        self.fingerprints = data_fingerprints(self, splits)  # for the cache key and the run's manifest
+        cache = TokenCache(self.fingerprints["cache_key"]) if self.cache else None
         cached = cache.load() if cache else None
         if cached is not None:
             log.info("data: tokenised splits reused from the cache (%s)", cache.path)
