@@ -177,6 +177,8 @@ class PaddingCollator:
         for key, value in rows[0].items():
             if isinstance(value, str):
                 batch[key] = [r[key] for r in rows]
+            elif isinstance(value, float):  # per-row scalars, e.g. DPO's precomputed reference log-probs
+                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
         if rows[0].get("step_tokens") is not None:
             batch["step_tokens"] = torch.tensor(rows[0]["step_tokens"], dtype=torch.float32)
         return batch

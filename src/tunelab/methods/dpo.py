@@ -1,0 +1,313 @@
+"""Direct preference optimisation (Rafailov et al. 2023) and its IPO / hinge / robust variants.
+
+The policy is the `model` (full or LoRA); the reference is the adapter-disabled policy when the
+policy is a fresh LoRA adapter (no second copy in memory), a frozen copy of the starting weights for
+full fine-tuning, or a finished run given by `reference_model`. Log-probs are summed over the
+completion tokens only (the `labels` of `PairTokenizer`, which also marks the end-of-turn token).
+With `precompute_ref_logps` the reference scores every train/val pair once before the first step
+and is then dropped, so training holds one model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import SumMetric
+
+from tunelab.data.tokenize import IGNORE
+from tunelab.errors import TunelabError
+from tunelab.eval.generation import autocast
+from tunelab.methods.base import LanguageModelModule
+from tunelab.models.adapters import is_peft
+
+log = logging.getLogger(__name__)
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # per-row floats once precomputed
+
+
+# ---------------------------------------------------------------- the objective
+
+
+@dataclass
+class DPOOutput:
+    losses: torch.Tensor            # one per pair
+    chosen_rewards: torch.Tensor    # beta * (log pi_c - log ref_c), detached
+    rejected_rewards: torch.Tensor
+
+
+def check_loss_options(beta: float, loss_type: str, label_smoothing: float) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise TunelabError(f"method.module.loss_type={loss_type} is unknown; use one of {', '.join(LOSS_TYPES)}")
+    if not beta > 0:
+        raise TunelabError(f"method.module.beta={beta} must be > 0 (0.1 is the usual start)")
+    if not 0 <= label_smoothing < 0.5:
+        raise TunelabError(f"method.module.label_smoothing={label_smoothing} must be in [0, 0.5): "
+                           "it is the assumed probability that a pair's labels are flipped")
+    if label_smoothing and loss_type in ("ipo", "hinge"):
+        raise TunelabError(f"method.module.label_smoothing has no effect with loss_type={loss_type}; "
+                           "use sigmoid (conservative DPO) or robust, or set it to 0")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> DPOOutput:
+    """Per-pair losses from summed completion log-probs of policy and reference.
+
+    sigmoid: -(1-e) log s(b d) - e log s(-b d), d = (log pi_c - log ref_c) - (log pi_r - log ref_r)
+             (e > 0 is conservative DPO, Mitchell 2023); hinge: relu(1 - b d) (SLiC);
+    ipo:     (d' - 1/(2b))^2 with d' the same difference of *per-token mean* log-ratios (Azar et al. 2023,
+             length-normalised as TRL does); robust: unbiased under label noise e (Chowdhury et al. 2024)."""
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    delta = chosen_ratio - rejected_ratio
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise TunelabError("loss_type=ipo needs the completion token counts (chosen_tokens, rejected_tokens)")
+        mean_delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (mean_delta - 1 / (2 * beta)) ** 2
+    else:
+        check_loss_options(beta, loss_type, label_smoothing)
+    return DPOOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Share of pairs ranked right; a tie counts one half (a coin flip), so policy == reference gives 0.5."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+
+
+# ---------------------------------------------------------------- log-probs
+
+
+def stacked_pairs(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows, padded to one width: one forward scores both."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def both(name: str, value: int) -> torch.Tensor:
+        parts = [batch[f"{which}_{name}"] for which in ("chosen", "rejected")]
+        return torch.cat([F.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
+
+    return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE)
+
+
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probs of the supervised tokens, their count) per row."""
+    from trl.trainer.utils import selective_log_softmax
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    logps = selective_log_softmax(logits.float(), targets.masked_fill(~mask, 0))
+    return (logps * mask).sum(-1), mask.sum(-1)
+
+
+def pair_logps(model, batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen log-probs, rejected log-probs, chosen token counts, rejected token counts)."""
+    logps, tokens = completion_logps(model, *stacked_pairs(batch, pad_id))
+    return (*logps.chunk(2), *tokens.chunk(2))
+
+
+def frozen_reference(model, reference_model: str | None = None):
+    """None when the adapter-disabled policy is the reference; otherwise a frozen network."""
+    if reference_model:
+        from tunelab.models.run_model import load_run_model
+
+        reference, _ = load_run_model(reference_model)
+    elif is_peft(model):
+        if len(model.peft_config) > 1:
+            raise TunelabError("the policy carries several adapters, so no single adapter-disabled reference exists; "
+                               "merge the trained one first (model=run merges an SFT run's LoRA) or give "
+                               "method.module.reference_model=RUN_DIR")
+        return None
+    else:
+        reference = copy.deepcopy(model)
+    return reference.requires_grad_(False).eval()
+
+
+def disable_dropout(model) -> None:
+    # Dropout would make policy and reference disagree at step 0 (loss != ln 2); TRL disables it too.
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
+
+
+# ---------------------------------------------------------------- the module
+
+
+class DPOModule(LanguageModelModule):
+    """DPO on (prompt, chosen, rejected); logs loss, reward accuracy, chosen/rejected rewards, margin, logps."""
+
+    STATS = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected")
+
+    def __init__(self, model, optimizer, scheduler=None, beta: float = 0.1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, precompute_ref_logps: bool = False, reference_model: str | None = None):
+        super().__init__(model, optimizer, scheduler)
+        check_loss_options(beta, loss_type, label_smoothing)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.precompute_ref_logps = precompute_ref_logps
+        disable_dropout(model)
+        self.ref_model = frozen_reference(model, reference_model)
+        self.val_stats = torch.nn.ModuleDict({k: SumMetric() for k in (*self.STATS, "pairs")})
+
+    @property
+    def pad_id(self) -> int:
+        return self.model.config.pad_token_id or 0
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if all(k in batch for k in REF_KEYS):
+            return batch[REF_KEYS[0]], batch[REF_KEYS[1]]
+        if self.precompute_ref_logps and self.ref_model is None and not is_peft(self.model):
+            raise TunelabError("a batch came without precomputed reference log-probs after the reference was "
+                               "dropped; set method.module.precompute_ref_logps=false")
+        if self.ref_model is None:
+            with self.model.disable_adapter():
+                return pair_logps(self.model, batch, self.pad_id)[:2]
+        return pair_logps(self.ref_model, batch, self.pad_id)[:2]
+
+    def on_fit_start(self) -> None:
+        if not self.precompute_ref_logps:
+            return
+        datamodule = self.trainer.datamodule
+        with self.trainer.precision_plugin.forward_context():
+            for split in ("train", "val"):
+                dataset = datamodule.datasets.get(split)
+                if dataset is not None and len(dataset):
+                    self.annotate_reference(dataset.rows, datamodule.collator, datamodule.eval_batch_size)
+        if self.ref_model is not None:  # its work is done: free the second copy
+            self.ref_model = None
+
+    def annotate_reference(self, rows: list[dict], collator, batch_size: int) -> None:
+        """Store the reference's log-probs in each row; the collator hands them on as tensors."""
+        if all(k in rows[0] for k in REF_KEYS):
+            return  # a resumed fit: already there
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = {k: v.to(self.device) for k, v in collator(chunk).items() if torch.is_tensor(v)}
+            chosen, rejected = self.reference_logps(batch)
+            for row, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+                row[REF_KEYS[0]], row[REF_KEYS[1]] = float(c), float(r)
+        log.info("reference log-probs precomputed for %d pairs", len(rows))
+
+    def step_stats(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        chosen, rejected, chosen_tokens, rejected_tokens = pair_logps(self.model, batch, self.pad_id)
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing,
+                       chosen_tokens, rejected_tokens)
+        stats = {"accuracy": preference_accuracy(out.chosen_rewards, out.rejected_rewards),
+                 "margin": (out.chosen_rewards - out.rejected_rewards).mean(),
+                 "reward_chosen": out.chosen_rewards.mean(), "reward_rejected": out.rejected_rewards.mean(),
+                 "logps_chosen": chosen.detach().mean(), "logps_rejected": rejected.detach().mean()}
+        return out.losses.mean(), stats
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, stats = self.step_stats(batch)
+        pairs = batch["chosen_input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=pairs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, stats = self.step_stats(batch)
+        pairs = batch["chosen_input_ids"].shape[0]
+        for key, value in {"loss": loss, **stats}.items():
+            self.val_stats[key].update(value.detach() * pairs)  # sums, so the mean is exact over ranks
+        self.val_stats["pairs"].update(torch.tensor(float(pairs), device=self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        totals = {k: m.compute() for k, m in self.val_stats.items()}
+        pairs = totals.pop("pairs").clamp(min=1)
+        self.log("val/loss", totals.pop("loss") / pairs, prog_bar=True, sync_dist=False)
+        self.log_dict({f"val/{k}": v / pairs for k, v in totals.items()}, sync_dist=False)
+        for metric in self.val_stats.values():
+            metric.reset()
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class DPOEvaluator:
+    """Held-out DPO metrics of a policy: loss, reward accuracy and margin against the reference, plus
+    `logp_accuracy` (the policy alone gives the chosen response the higher log-prob), which needs no reference.
+
+    The reference is the adapter-disabled model for a LoRA policy; for full fine-tuning it is the
+    base evaluation this evaluator ran first (the base *is* the reference), and without one (a resumed
+    run, or compare_base=false) only the reference-free metrics are reported."""
+
+    def __init__(self, split: str = "test", batch_size: int = 16, precision: str | None = "bf16",
+                 compare_base: bool = True, beta: float = 0.1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, max_examples: int | None = None):
+        check_loss_options(beta, loss_type, label_smoothing)
+        self.split, self.batch_size, self.precision = split, batch_size, precision
+        self.compare_base, self.max_examples = compare_base, max_examples
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.base_logps: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def logps(self, model, datamodule, rows: list[dict], disable_adapter: bool = False):
+        device = next(model.parameters()).device
+        pad = model.config.pad_token_id or 0
+        out = [[], [], [], []]
+        for start in range(0, len(rows), self.batch_size):
+            batch = datamodule.collator(rows[start : start + self.batch_size])
+            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
+            with autocast(self.precision, device):
+                if disable_adapter:
+                    with model.disable_adapter():
+                        values = pair_logps(model, batch, pad)
+                else:
+                    values = pair_logps(model, batch, pad)
+            for acc, value in zip(out, values):
+                acc.append(value.float().cpu())
+        return [torch.cat(v) for v in out]
+
+    def run(self, model, datamodule) -> tuple[dict[str, float], list[dict]]:
+        dataset = datamodule.datasets.get(self.split)
+        if dataset is None or not len(dataset):
+            return {}, []
+        was_training = model.training
+        model.eval()
+        try:
+            chosen, rejected, n_chosen, n_rejected = self.logps(model, datamodule, dataset.rows)
+            reference = None
+            if is_peft(model):
+                reference = self.logps(model, datamodule, dataset.rows, disable_adapter=True)[:2]
+            elif self.base_logps is not None:
+                reference = self.base_logps
+            else:  # the first (base) evaluation of a full model: it is the reference of what follows
+                self.base_logps = (chosen, rejected)
+                reference = self.base_logps
+        finally:
+            model.train(was_training)
+        s = self.split
+        metrics = {f"{s}/logp_accuracy": preference_accuracy(chosen, rejected).item(),
+                   f"{s}/logps_chosen": chosen.mean().item(), f"{s}/logps_rejected": rejected.mean().item()}
+        rows = [{"prompt": p.prompt[-1]["content"], "chosen": p.chosen[-1]["content"], "rejected": p.rejected[-1]["content"],
+                 "logps_chosen": c, "logps_rejected": r}
+                for p, c, r in zip(datamodule.examples[self.split], chosen.tolist(), rejected.tolist())]
+        if reference is not None:
+            out = dpo_loss(chosen, rejected, *reference, self.beta, self.loss_type, self.label_smoothing, n_chosen, n_rejected)
+            metrics |= {f"{s}/loss": out.losses.mean().item(),
+                        f"{s}/accuracy": preference_accuracy(out.chosen_rewards, out.rejected_rewards).item(),
+                        f"{s}/margin": (out.chosen_rewards - out.rejected_rewards).mean().item(),
+                        f"{s}/reward_chosen": out.chosen_rewards.mean().item(),
+                        f"{s}/reward_rejected": out.rejected_rewards.mean().item()}
+            for row, c, r in zip(rows, out.chosen_rewards.tolist(), out.rejected_rewards.tolist()):
+                row |= {"reward_chosen": c, "reward_rejected": r}
+        return metrics, rows[: self.max_examples or None]
+
+
+LN2 = math.log(2)  # the loss of every pair while the policy equals its reference

@@ -1,0 +1,159 @@
+"""method=dpo: the loss against hand computations, the reference (adapter-disabled or frozen copy),
+precomputed reference log-probs, and preference accuracy rising when a tiny model overfits a few pairs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from tests.helpers import read_metrics, run_train, write_jsonl
+from tunelab.data.preference import PreferenceDataModule
+from tunelab.errors import TunelabError
+from tunelab.methods.dpo import LN2, DPOEvaluator, DPOModule, dpo_loss, preference_accuracy
+
+# Fixed summed log-probs of two pairs: policy chosen/rejected, reference chosen/rejected, token counts.
+PC, PR, RC, RR = torch.tensor([-4.0, -9.0]), torch.tensor([-7.0, -6.5]), torch.tensor([-5.0, -8.0]), torch.tensor([-6.0, -7.0])
+NC, NR = torch.tensor([4, 3]), torch.tensor([5, 2])
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def deltas() -> list[float]:
+    # d = (pc - rc) - (pr - rr): pair 0: (1) - (-1) = 2; pair 1: (-1) - (0.5) = -1.5
+    return [((pc - rc) - (pr - rr)) for pc, pr, rc, rr in zip(PC.tolist(), PR.tolist(), RC.tolist(), RR.tolist())]
+
+
+@pytest.mark.parametrize("beta, eps", [(0.1, 0.0), (0.5, 0.2)])
+def test_sigmoid_loss_and_rewards_match_hand_computation(beta, eps):
+    out = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type="sigmoid", label_smoothing=eps)
+    expected = [-(1 - eps) * log_sigmoid(beta * d) - eps * log_sigmoid(-beta * d) for d in deltas()]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert out.chosen_rewards.tolist() == pytest.approx([beta * 1.0, beta * -1.0])
+    assert out.rejected_rewards.tolist() == pytest.approx([beta * -1.0, beta * 0.5])
+    assert preference_accuracy(out.chosen_rewards, out.rejected_rewards).item() == 0.5  # one right, one wrong
+
+
+def test_ipo_hinge_and_robust_match_hand_computation():
+    beta, eps = 0.2, 0.1
+    hinge = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type="hinge").losses
+    assert hinge.tolist() == pytest.approx([max(0.0, 1 - beta * d) for d in deltas()])
+    ipo = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type="ipo", chosen_tokens=NC, rejected_tokens=NR).losses
+    # per-token mean log-ratios: pair 0: 1/4 - (-1)/5; pair 1: -1/3 - 0.5/2
+    assert ipo.tolist() == pytest.approx([(1 / 4 + 1 / 5 - 1 / (2 * beta)) ** 2, (-1 / 3 - 0.25 - 1 / (2 * beta)) ** 2])
+    robust = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type="robust", label_smoothing=eps).losses
+    expected = [(-(1 - eps) * log_sigmoid(beta * d) + eps * log_sigmoid(-beta * d)) / (1 - 2 * eps) for d in deltas()]
+    assert robust.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_is_ln2_when_policy_equals_reference():
+    for eps in (0.0, 0.3):
+        assert dpo_loss(PC, PR, PC, PR, beta=0.1, label_smoothing=eps).losses.tolist() == pytest.approx([LN2, LN2])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"loss_type": "kto"}, "loss_type=kto is unknown"),
+    ({"beta": 0.0}, "beta=0.0 must be > 0"),
+    ({"label_smoothing": 0.5}, r"must be in \[0, 0.5\)"),
+    ({"loss_type": "ipo", "label_smoothing": 0.1}, "no effect with loss_type=ipo"),
+    ({"reference_model": "/nonexistent/run"}, "holds no model"),
+])
+def test_bad_options_are_refused(tiny, options, message):
+    model, _ = tiny
+    with pytest.raises(TunelabError, match=message):
+        DPOModule(model, optimizer=None, **options)
+
+
+# ---------------------------------------------------------------- on a tiny model
+
+PAIRS = [
+    {"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Quito, I think, or maybe Bogota."},
+    {"prompt": "Symbol of iron?", "chosen": "Fe.", "rejected": "Ir, as in iron."},
+    {"prompt": "Opposite of hot?", "chosen": "Cold.", "rejected": "Warm, probably."},
+    {"prompt": "Three in words?", "chosen": "three", "rejected": "It is 3."},
+]
+
+
+@pytest.fixture()
+def tiny():
+    from tunelab.models import build_tiny_llama
+
+    return build_tiny_llama()
+
+
+@pytest.fixture()
+def pairs_data(tmp_path, tokenizer):
+    source = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    data = PreferenceDataModule(tokenizer, source=str(source), val_size=0, test_size=0, batch_size=4,
+                                max_length=64, cache=False)
+    data.setup("fit")
+    return data
+
+
+def policy(model, adapter: str):
+    from peft import LoraConfig
+
+    from tunelab.models.adapters import FullFineTuning, apply_adapter
+
+    spec = FullFineTuning() if adapter == "full" else LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                                                target_modules="all-linear")
+    return apply_adapter(model, spec)
+
+
+def optimizer(lr: float):
+    from functools import partial
+
+    return partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_step_zero_is_ln2_and_only_the_policy_gets_gradients(tiny, pairs_data, adapter):
+    module = DPOModule(policy(tiny[0], adapter), optimizer(1e-3))
+    assert (module.ref_model is None) == (adapter == "lora")  # LoRA: the adapter-disabled policy is the reference
+    batch = next(iter(pairs_data.loader("train", train=False, shard=False)))
+    loss, stats = module.step_stats(batch)
+    assert loss.item() == pytest.approx(LN2, abs=1e-5)
+    assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == pytest.approx(0.0, abs=1e-5)
+    loss.backward()
+    grads = {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith("model.") for n in grads)
+    if adapter == "lora":
+        assert all("lora_" in n for n in grads)
+    else:
+        assert all(p.grad is None and not p.requires_grad for p in module.ref_model.parameters())
+
+
+@pytest.mark.parametrize("adapter, precompute", [("full", True), ("lora", False)])
+def test_overfitting_four_pairs_raises_preference_accuracy(tiny, pairs_data, adapter, precompute):
+    model = policy(tiny[0], adapter)
+    evaluator = DPOEvaluator(split="train", batch_size=4, precision=None, beta=0.1)
+    before, _ = evaluator.run(model, pairs_data)
+    assert before["train/loss"] == pytest.approx(LN2, abs=1e-5) and before["train/accuracy"] == 0.5
+    module = DPOModule(model, optimizer(1e-2 if adapter == "lora" else 3e-3), {"name": "constant"},
+                       precompute_ref_logps=precompute)
+    trainer = pl.Trainer(max_steps=10, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=pairs_data)
+    if precompute:
+        assert module.ref_model is None  # dropped once the reference had scored every pair
+        assert "ref_chosen_logps" in pairs_data.datasets["train"].rows[0]
+    after, rows = evaluator.run(module.model, pairs_data)
+    assert after["train/accuracy"] == 1.0
+    assert after["train/loss"] < 0.7 * LN2
+    assert after["train/margin"] > 0 and after["train/reward_chosen"] > after["train/reward_rejected"]
+    assert len(rows) == 4 and {"reward_chosen", "logps_rejected"} <= set(rows[0])
+
+
+def test_dpo_run_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    run_train(run, "method=dpo", "data.max_train_examples=16", "data.val_size=8", "data.test_size=8",
+              "trainer.max_steps=3", "method.module.precompute_ref_logps=true")
+    metrics = read_metrics(run)
+    assert metrics["base"]["test/loss"] == pytest.approx(LN2, abs=1e-3)
+    assert metrics["base"]["test/accuracy"] == 0.5
+    assert {"test/loss", "test/accuracy", "test/margin", "test/logp_accuracy"} <= set(metrics["tuned"])
+    assert (run / "final" / "adapter_config.json").is_file()
