@@ -1,17 +1,20 @@
 """A content-addressed cache of tokenised splits.
 
-The key is the raw records' content, the tokenizer, the template and the preprocessing settings,
-and nothing else: a new run dir, learning rate or batch size reuses the entry; another template,
+The key is the raw records' content, the tokenizer, the template and the preprocessing settings
+(with the source of the code that applies them), and nothing else: a new run dir, learning rate or batch size reuses the entry; another template,
 tokenizer, max_length or label rule misses it."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import pickle
+import sys
 import tempfile
 from pathlib import Path
 
+from tunelab.data import formats, templates, tokenize
 from tunelab.fingerprints import digest, records_fingerprint, template_fingerprint, tokenizer_fingerprint
 from tunelab.paths import cache_dir
 
@@ -31,12 +34,18 @@ def preprocessing_settings(datamodule) -> dict:
     }
 
 
+def preprocessing_code(datamodule) -> str:
+    """The source of the modules that turn records into tokens, so editing them never serves stale tokens."""
+    modules = {formats, templates, tokenize, sys.modules[type(datamodule.tokenization).__module__]}
+    return digest(sorted(inspect.getsource(module) for module in modules))
+
+
 def data_fingerprints(datamodule, splits: dict[str, list[dict]]) -> dict[str, str]:
     """The hashes the cache key is made of (also recorded in the run's provenance manifest)."""
     tokenizer = datamodule.tokenizer
     parts = {"records": records_fingerprint(splits), "tokenizer": tokenizer_fingerprint(tokenizer),
              "template": template_fingerprint(tokenizer, datamodule.formatter.template),
-             "preprocessing": digest(preprocessing_settings(datamodule))}
+             "preprocessing": digest(preprocessing_settings(datamodule), preprocessing_code(datamodule))}
     return {**parts, "cache_key": digest(FORMAT_VERSION, parts)}
 
 

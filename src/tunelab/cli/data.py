@@ -1,0 +1,100 @@
+"""`tunelab-data inspect [train overrides] [--n N] [--split S] [--plain]`: see what the loss trains on.
+
+Composes the data exactly as `tunelab-train` would (same overrides), tokenises it, and prints the
+first examples token by token with the supervised tokens marked: green in a terminal, and inside
+⟦ ⟧ with --plain (or when the output is not a terminal)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from tunelab.cli.common import die, preflight, quiet_libraries
+from tunelab.errors import TunelabError
+
+OPEN, CLOSE = "⟦", "⟧"
+
+
+def spans(tokenizer, row: dict) -> list[tuple[str, bool]]:
+    """The row's text in runs of supervised / not supervised tokens (a token is supervised when its label is set)."""
+    from tunelab.data.tokenize import IGNORE
+
+    runs: list[tuple[list[int], bool]] = []
+    for position, (token, label) in enumerate(zip(row["input_ids"], row["labels"])):
+        supervised = label != IGNORE and position > 0  # the first position is never predicted
+        if runs and runs[-1][1] == supervised:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], supervised))
+    return [(tokenizer.decode(ids, skip_special_tokens=False), supervised) for ids, supervised in runs]
+
+
+def plain(segments: list[tuple[str, bool]]) -> str:
+    return "".join(f"{OPEN}{text}{CLOSE}" if supervised else text for text, supervised in segments)
+
+
+def build_datamodule(overrides: list[str]):
+    from hydra.utils import instantiate
+
+    from tunelab.models.loading import load_tokenizer
+    from tunelab.verify.runner import compose_train_cfg
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_train_cfg(overrides, Path(tmp))
+    # The tokenizer alone: inspecting data should not load the network.
+    tokenizer = load_tokenizer(cfg.model.get("tokenizer") or cfg.model.get("name_or_path"))
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
+                             tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
+    datamodule.setup("fit")
+    return datamodule
+
+
+def inspect(overrides: list[str], n: int, split: str, as_plain: bool) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    datamodule = build_datamodule(overrides)
+    dataset = datamodule.datasets.get(split)
+    if dataset is None or not len(dataset):
+        raise TunelabError(f"split '{split}' is empty or missing; choose one of {', '.join(datamodule.datasets)}")
+    console = Console(highlight=False)
+    as_plain = as_plain or not console.is_terminal
+    fingerprints = getattr(datamodule, "fingerprints", {})
+    print(f"{split}: {len(dataset)} examples; template hash {fingerprints.get('template', '?')[:12]}, "
+          f"tokenizer hash {fingerprints.get('tokenizer', '?')[:12]}; supervised tokens "
+          + (f"inside {OPEN} {CLOSE}" if as_plain else "in green"))
+    for index in range(min(n, len(dataset))):
+        row = dataset.rows[index]
+        segments = spans(datamodule.tokenizer, row)
+        supervised = dataset.targets[index]
+        print(f"--- example {index}: {len(row['input_ids'])} tokens, {supervised} supervised")
+        if as_plain:
+            print(plain(segments))
+        else:
+            text = Text()
+            for piece, marked in segments:
+                text.append(piece, style="bold green" if marked else "dim")
+            console.print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="tunelab-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["inspect"])
+    parser.add_argument("--n", type=int, default=3, help="examples to show")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--plain", action="store_true", help="mark supervised tokens with ⟦ ⟧ instead of colour")
+    args, overrides = parser.parse_known_args(argv)
+    quiet_libraries()
+    try:
+        preflight(overrides, "train")
+        inspect(overrides, args.n, args.split, args.plain)
+    except TunelabError as err:
+        die(str(err), err.exit_code)
+
+
+if __name__ == "__main__":
+    main()
