@@ -20,6 +20,41 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, (targets != IGNORE).sum()
 
 
+# Config fields that rescale or cap logits after the head: such models keep the plain path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling", "lm_head_multiplier")
+
+
+def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder stack, LM head) of a plain or LoRA-wrapped causal LM whose logits are head(hidden), else None."""
+    base = model
+    if hasattr(model, "get_base_model"):  # a PeftModel
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            return None  # virtual tokens live in PeftModel.forward, which the split path would skip
+        base = model.get_base_model()
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if config is not None else None
+    if text is None or any(getattr(text, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
+        return None
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(backbone, torch.nn.Module) or backbone is base or head is None:
+        return None
+    return backbone, head
+
+
+def supervised_loss_sum(backbone: torch.nn.Module, head: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_loss_sum without the full logits: the head runs only where the next token is supervised.
+
+    In SFT the prompt is most of the tokens, so this skips most of the (batch, length, vocab) logits,
+    their softmax and their memory; the loss and gradients are the same.
+    """
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    supervised = targets != IGNORE
+    logits = head(hidden[:, :-1][supervised])
+    return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), supervised.sum()
+
+
 class LanguageModelModule(pl.LightningModule):
     """Holds a HF causal LM (plain or PEFT-wrapped) and the optimisation every method shares."""
 
@@ -66,9 +101,24 @@ class LanguageModelModule(pl.LightningModule):
 
 
 class CausalLMModule(LanguageModelModule):
-    """Next-token cross-entropy on the supervised tokens: sft (responses) and pretrain (all tokens)."""
+    """Next-token cross-entropy on the supervised tokens: sft (responses) and pretrain (all tokens).
+
+    Speed knobs (method.module.*): head_on_supervised_only runs the LM head only where the loss
+    looks (same loss, less compute and memory; models it cannot split fall back to the plain path);
+    gradient_checkpointing trades ~1/3 more compute for much less activation memory.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer, scheduler: dict | None = None,
+                 head_on_supervised_only: bool = True, gradient_checkpointing: bool = False):
+        super().__init__(model, optimizer, scheduler)
+        self.split = backbone_and_head(model) if head_on_supervised_only else None
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input grads, so it also works with a frozen embedding (LoRA).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.split is not None:
+            return supervised_loss_sum(*self.split, batch)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return token_loss_sum(logits, batch["labels"])
 

@@ -1,0 +1,122 @@
+"""The speed levers change how the loss is computed, never what it is: same loss, same gradients.
+
+Each check compares the optimised path with the plain one on a tiny random Llama and real
+tokenized SFT batches (prompt tokens masked), in fp32 (tight) and under bf16 autocast (bf16 tolerance).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from tunelab.data.batching import Collator
+from tunelab.data.formats import normalize
+from tunelab.data.templates import PromptFormatter
+from tunelab.data.tokenize import SupervisedTokenizer
+from tunelab.methods.base import CausalLMModule, backbone_and_head, token_loss_sum
+from tunelab.models.tiny import build_tiny_llama
+
+RECORDS = [
+    {"instruction": "Give the capital of this country.", "input": "Mozambique", "output": "The capital is Maputo."},
+    {"instruction": "Sort these words alphabetically.", "input": "cheese shoe morning jacket moon",
+     "output": "cheese, jacket, moon, morning, shoe"},
+    {"instruction": "Write the number in words.", "input": "8509", "output": "eight thousand five hundred nine"},
+    {"instruction": "What is the antonym of known?", "output": "unknown"},
+]
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    """A right-padded batch of different lengths whose labels mask the prompts."""
+    rows, _ = SupervisedTokenizer()(normalize(RECORDS, "auto", {}, None), PromptFormatter(tokenizer, "chat"), 128)
+    return Collator(tokenizer.pad_token_id)(rows)
+
+
+def tiny(adapter: str = "full", **config):
+    model, _ = build_tiny_llama(hidden_size=64, num_hidden_layers=2, intermediate_size=128, seed=1)
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    if adapter == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False))  # non-zero B: LoRA grads are non-trivial
+    return model
+
+
+def module(model, **knobs) -> CausalLMModule:
+    return CausalLMModule(model, functools.partial(torch.optim.AdamW, lr=1e-3), **knobs)
+
+
+def loss_and_grads(mod: CausalLMModule, batch: dict, bf16: bool):
+    mod.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss_sum, tokens = mod.loss_sum(batch)
+    (loss_sum / tokens).backward()
+    grads = {n: p.grad.detach().clone() for n, p in mod.named_parameters() if p.requires_grad}
+    return loss_sum.detach(), int(tokens), grads
+
+
+def assert_same(plain, fast, rtol: float, grad_tol: float):
+    (loss_a, tokens_a, grads_a), (loss_b, tokens_b, grads_b) = plain, fast
+    assert tokens_a == tokens_b > 0
+    torch.testing.assert_close(loss_b, loss_a, rtol=rtol, atol=0)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name, grad in grads_a.items():
+        assert grad.abs().sum() > 0, f"{name} got no gradient"
+        # Relative to the tensor's own scale: bf16 rounding differs with the order of operations.
+        gap = (grads_b[name] - grad).norm() / grad.norm()
+        assert gap < grad_tol, f"{name}: relative gradient gap {gap:.2e}"
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_head_on_supervised_positions_matches_full_logits(batch, adapter, bf16):
+    model = tiny(adapter)
+    plain = module(model, head_on_supervised_only=False)
+    fast = module(copy.deepcopy(model), head_on_supervised_only=True)
+    assert plain.split is None and fast.split is not None
+    assert int((batch["labels"][:, 1:] != -100).sum()) < int(batch["attention_mask"].sum()) / 2  # prompts dominate
+    # The plain path is the evaluator's token_loss_sum over the full logits.
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(plain.loss_sum(batch)[0], token_loss_sum(logits, batch["labels"])[0])
+    tol = (1e-2, 3e-2) if bf16 else (1e-5, 1e-4)
+    assert_same(loss_and_grads(plain, batch, bf16), loss_and_grads(fast, batch, bf16), *tol)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(batch):
+    model = tiny("lora")
+    plain = module(model)
+    checkpointed = module(copy.deepcopy(model), gradient_checkpointing=True)
+    assert checkpointed.model.base_model.model.model.gradient_checkpointing
+    assert_same(loss_and_grads(plain, batch, False), loss_and_grads(checkpointed, batch, False), 1e-6, 1e-5)
+
+
+def test_models_the_split_cannot_express_fall_back_to_the_plain_path(batch):
+    from peft import PromptTuningConfig, get_peft_model
+
+    capped = tiny(final_logit_softcapping=30.0)
+    assert backbone_and_head(capped) is None
+    assert module(capped).split is None
+    prompt_tuned = get_peft_model(tiny(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert backbone_and_head(prompt_tuned) is None
+    assert backbone_and_head(tiny("lora")) is not None
+
+
+def test_fused_adamw_takes_the_same_steps_as_foreach(batch):
+    """optimizer.fused=true (one kernel per step) moves the weights exactly like the foreach default."""
+    weights = []
+    for kind in ({"foreach": True}, {"fused": True}):
+        mod = CausalLMModule(tiny(), functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1, **kind))
+        optimizer = mod.optimizer_factory(mod.optimizer_parameters())
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss_sum, tokens = mod.loss_sum(batch)
+            (loss_sum / tokens).backward()
+            optimizer.step()
+        weights.append(torch.cat([p.detach().flatten() for p in mod.parameters()]))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
