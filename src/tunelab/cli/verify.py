@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from tunelab.cli.common import die, one_line, preflight, quiet_libraries
 from tunelab.errors import TunelabError
@@ -40,10 +41,18 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     quiet_libraries()
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     from tunelab.verify import run_pairs
     from tunelab.verify.report import print_results
+
+    # After the imports: Lightning sets its loggers to INFO when imported; dozens of short fits
+    # would otherwise bury the table under "GPU available" lines.
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # The resumed side deliberately leaves the checkpoint callback out; exports need no progress bars.
+    warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     train_args, verify_args = split_args(argv)
     try:
