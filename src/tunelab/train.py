@@ -90,8 +90,10 @@ def train(cfg: DictConfig) -> dict:
     base = baselines["base"].metrics if "base" in baselines else {}
 
     loggers = build_loggers(cfg, resuming=ckpt_path is not None)
+    # A method may pin Trainer arguments its loop needs (PPO's manual optimization clips by itself).
+    pinned = OmegaConf.to_container(cfg.method.trainer, resolve=True) if cfg.method.get("trainer") else {}
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=build_callbacks(cfg) + eval_callbacks(evaluator),
-                                      default_root_dir=str(run_dir), _convert_="all")
+                                      default_root_dir=str(run_dir), _convert_="all", **pinned)
     failed = True
     try:
         if trainer.is_global_zero:
