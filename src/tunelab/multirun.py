@@ -18,8 +18,9 @@ import math
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from tunelab.errors import TunelabError
 
@@ -47,6 +48,17 @@ def swept_keys(argv: list[str], sweeper_params: dict | None) -> list[str]:
     parsed = OverridesParser.create().parse_overrides(candidates)
     keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
     return list(dict.fromkeys([*keys, *(sweeper_params or {})]))
+
+
+def sweep_arguments(hydra_cfg) -> list[str]:
+    """The sweep's own overrides (`adapter=full,lora`), as the sweeper recorded them in multirun.yaml;
+    the command line when that file is not there (a launcher that runs jobs elsewhere reads it too)."""
+    recorded = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if recorded.is_file():
+        overrides = OmegaConf.load(recorded).hydra.overrides.get("task")
+        if overrides is not None:
+            return list(overrides)
+    return sys.argv[1:]
 
 
 def job_label(task_overrides: list[str], keys: list[str]) -> list[str]:
@@ -85,7 +97,7 @@ def sweep_job(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     task = list(hydra_cfg.overrides.task)
     params = hydra_cfg.sweeper.get("params") if "sweeper" in hydra_cfg else None
-    label_job(cfg, job_label(task, swept_keys(sys.argv[1:], params)))
+    label_job(cfg, job_label(task, swept_keys(sweep_arguments(hydra_cfg), params)))
     saved_env, saved_argv = dict(os.environ), list(sys.argv)
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # what Lightning gives the children as hydra.run.dir

@@ -1,0 +1,196 @@
+"""Sweeps: multirun labels and isolation (the Hydra + Lightning DDP traps), the Optuna sweeper on the
+tiny model with a diverged trial, run-dir naming, and the W&B sweep file."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import OmegaConf, read_write
+
+from tests.helpers import make_cfg
+from tunelab.errors import TunelabError
+from tunelab.multirun import child_argv, job_label, optimized_value, swept_keys, sweep_job
+from tunelab.paths import REPO_DIR
+from tunelab.report import build_report
+
+# The cheapest real job: tiny model, one step, loss-only evaluation on a few examples.
+QUICK = ["debug=fast", "trainer.enable_progress_bar=false", "trainer.max_steps=1", "eval.metrics=null",
+         "eval.compare_base=false", "data.test_size=8", "data.val_size=4"]
+
+
+def tunelab_train(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tunelab.cli.train", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
+def only_sweep_dir(root: Path) -> Path:
+    sweeps = list(root.glob("outputs/*/multirun/*"))
+    assert len(sweeps) == 1, sweeps
+    return sweeps[0]
+
+
+# --- multirun jobs: labels, and what DDP children are told -----------------------------------------
+
+def test_swept_keys_come_from_the_command_line_and_the_sweeper_params():
+    argv = ["-m", "adapter=full,lora", "seed=0,1,2", "debug=fast", "+sweep=lr_optuna", "optimizer.lr=range(1,3)"]
+    keys = swept_keys(argv, {"scheduler.warmup_ratio": "interval(0, 0.2)"})
+    assert keys == ["adapter", "seed", "optimizer.lr", "scheduler.warmup_ratio"]
+    assert job_label(["adapter=lora", "debug=fast", "seed=2", "+sweep=lr_optuna"], keys) == ["adapter=lora", "seed=2"]
+
+
+@pytest.fixture
+def multirun_job(tmp_path, monkeypatch):
+    """A job of `tunelab-train -m adapter=full,lora seed=0,1 debug=fast` as Hydra hands it over."""
+    cfg = make_cfg(tmp_path, "logger=wandb", "adapter=lora", "seed=1")
+    hydra_cfg = HydraConfig.get()
+    with read_write(hydra_cfg):
+        hydra_cfg.mode = RunMode.MULTIRUN
+        hydra_cfg.overrides.task = ["adapter=lora", "seed=1", "debug=fast"]
+        hydra_cfg.runtime.output_dir = str(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/tunelab-train", "-m", "adapter=full,lora", "seed=0,1", "debug=fast"])
+    return cfg
+
+
+def test_a_multirun_job_is_labelled_by_its_swept_values(multirun_job):
+    with sweep_job(multirun_job):
+        resolved = OmegaConf.to_container(multirun_job.logger.wandb, resolve=True)
+    assert resolved["tags"] == ["adapter=lora", "seed=1"]
+    assert resolved["name"] == "sft-lora-tiny_llama-adapter=lora-seed=1"
+    assert resolved["group"] == multirun_job.study
+
+
+def test_ddp_children_of_a_multirun_job_rerun_that_job_only(multirun_job, tmp_path):
+    from lightning_fabric.strategies.launchers.subprocess_script import _hydra_subprocess_cmd
+
+    with sweep_job(multirun_job):
+        command, _ = _hydra_subprocess_cmd(local_rank=1)   # what Lightning starts rank 1 with
+    job_args = command[-6:]          # after `python -m <module>` or `python <script>`
+    assert job_args[:3] == ["adapter=lora", "seed=1", "debug=fast"]
+    assert "adapter=full,lora" not in command and "-m" not in job_args
+    assert f'hydra.run.dir="{tmp_path}"' in command        # this job's own dir: no duplicate output dirs
+    assert sys.argv[1:] == ["-m", "adapter=full,lora", "seed=0,1", "debug=fast"]  # restored afterwards
+    assert child_argv(["app", "-m", "--config-dir", "/c", "-cn=x", "a=1,2"], ["a=1"]) == ["app", "--config-dir", "/c", "a=1"]
+
+
+def test_a_multirun_job_leaves_no_ddp_state_for_the_next_one(multirun_job, monkeypatch):
+    """Lightning's launcher leaves LOCAL_RANK & co. and an open process group; the next DDP job would
+    then think its ranks are started externally and wait for them forever."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with sweep_job(multirun_job):
+        os.environ.update(LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    assert not dist.is_initialized()
+    assert "LOCAL_RANK" not in os.environ and "MASTER_PORT" not in os.environ
+
+
+def test_a_sweep_metric_the_run_does_not_return_is_a_clear_error():
+    metrics = {"tuned/test/loss": 1.5, "tuned/test/rougeL": 0.4}
+    with pytest.raises(TunelabError, match=r"optimized_metric=tuned/test/bleu .*tuned/test/loss, tuned/test/rougeL"):
+        optimized_value(metrics, "tuned/test/bleu", strict=True)
+    assert optimized_value(metrics, "tuned/test/bleu", strict=False) is None   # a single run only warns
+    assert math.isnan(optimized_value({"tuned/test/loss": float("inf")}, "tuned/test/loss", strict=True))
+    assert optimized_value({}, "tuned/test/loss", strict=True) is None         # ranks > 0 return nothing
+
+
+def test_run_and_sweep_dirs_carry_microseconds_so_same_second_starts_do_not_collide(tmp_path):
+    cfg = make_cfg(tmp_path)
+    hydra_cfg = HydraConfig.get()
+    for template in (hydra_cfg.run.dir, hydra_cfg.sweep.dir):
+        assert re.search(r"_\d{2}-\d{2}-\d{2}-\d{6}$", template), template
+    assert OmegaConf.to_container(hydra_cfg.sweep)["subdir"] == "${hydra.job.num}"   # one numbered dir per job
+    assert cfg.study in hydra_cfg.run.dir
+
+
+# --- the Optuna sweeper ------------------------------------------------------------------------------
+
+def test_the_optuna_pin_is_what_is_installed():
+    import optuna
+    from importlib.metadata import version
+
+    pins = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["optional-dependencies"]["sweeps"]
+    assert f"optuna=={optuna.__version__}" in pins
+    assert f"hydra-optuna-sweeper=={version('hydra-optuna-sweeper')}" in pins
+
+
+def test_non_finite_and_missing_returns_become_failed_jobs():
+    from hydra_plugins.tunelab_sweeper.optuna_sweeper import NonFiniteFails, TrialFailed
+
+    class Fixed:
+        def launch(self, job_overrides, initial_job_idx):
+            return [JobReturn(status=JobStatus.COMPLETED, _return_value=v) for v in (0.5, math.nan, math.inf, None)]
+
+    returns = NonFiniteFails(Fixed()).launch([["lr=1"], ["lr=2"], ["lr=3"], ["lr=4"]], 0)
+    assert [r.status for r in returns] == [JobStatus.COMPLETED] + [JobStatus.FAILED] * 3
+    assert returns[0].return_value == 0.5
+    with pytest.raises(TrialFailed, match="lr=2 returned nan: failed or diverged"):
+        returns[1].return_value
+
+
+def test_a_grid_whose_last_trial_fails_ends_cleanly():
+    import optuna
+    from hydra_plugins.tunelab_sweeper.optuna_sweeper import grid_exhaustion_tolerated
+
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"lr": [1.0, 2.0]}))
+    with grid_exhaustion_tolerated():
+        study.tell(study.ask(), 0.5)
+        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)   # the plugin's path for a failed trial
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+
+
+def test_optuna_sweep_of_three_trials_fails_the_diverged_one_and_returns_the_best(tmp_path):
+    """lr=inf turns every weight into NaN: the trial must be FAIL in Optuna, not the best score."""
+    tunelab_train(tmp_path, "-m", "+sweep=lr_optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
+                  "optimizer.lr=choice(1e-3,inf,3e-3)", "study=lr_test", *QUICK)
+    sweep = only_sweep_dir(tmp_path)
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_params"]["optimizer.lr"] in (1e-3, 3e-3)
+    assert math.isfinite(result["best_value"])
+    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert len(jobs) == 3
+    lrs = {yaml.safe_load((j / "resolved_config.yaml").read_text())["optimizer"]["lr"]: j for j in jobs}
+    best_job = lrs[result["best_params"]["optimizer.lr"]]
+    assert yaml.safe_load((best_job / "resolved_config.yaml").read_text())["tags"] == [
+        f"optimizer.lr={result['best_params']['optimizer.lr']}"]
+
+    report = build_report([sweep], out=tmp_path / "report")
+    statuses = dict(zip(report.runs.group, report.runs.status))
+    assert statuses == {"optimizer.lr=0.001": "finished", "optimizer.lr=inf": "diverged", "optimizer.lr=0.003": "finished"}
+    assert any(w.startswith("diverged:") for w in report.comparison.warnings)
+
+
+# --- grids (slow: several processes) ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_2x2_grid_gives_four_run_dirs_and_a_report_with_two_groups(tmp_path):
+    tunelab_train(tmp_path, "-m", "adapter=full,lora", "seed=0,1", "study=grid", *QUICK)
+    sweep = only_sweep_dir(tmp_path)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1", "2", "3"]
+    report = build_report([sweep], out=tmp_path / "report")
+    assert report.comparison.group_keys == ["adapter"]
+    assert sorted(report.summary.group) == ["adapter=full", "adapter=lora"]
+    assert report.summary["tuned/test/loss:n"].tolist() == [2, 2]
+    tags = yaml.safe_load((sweep / "3" / "resolved_config.yaml").read_text())["tags"]
+    assert tags == ["adapter=lora", "seed=1"]
+
+
+@pytest.mark.slow
+def test_multirun_with_ddp_runs_each_job_once_in_its_own_dir(tmp_path):
+    tunelab_train(tmp_path, "-m", "trainer=ddp", "trainer.precision=32-true", "seed=0,1", "study=ddp", *QUICK)
+    sweep = only_sweep_dir(tmp_path)        # the children launched no sweep of their own
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    assert all((j / "metrics.json").is_file() for j in jobs)     # the second job did not hang
+    assert not list(tmp_path.glob("outputs/*/runs"))           # no stray run dirs from rank 1
