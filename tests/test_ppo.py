@@ -182,3 +182,25 @@ def test_a_reward_callable_with_the_wrong_shape_stops_the_run(tmp_path):
 
 def bad_reward(prompts, responses, references):
     return [0.0]
+
+
+def test_pipeline_stages_compose_and_point_at_the_previous_run_dirs(tmp_path):
+    sft = make_cfg(tmp_path, "experiment=rlhf_sft", fast=False)
+    reward = make_cfg(tmp_path, "experiment=rlhf_reward", fast=False)
+    ppo = make_cfg(tmp_path, "experiment=rlhf_ppo", "rlhf.sft_run=/runs/sft", "rlhf.reward_run=/runs/rm", fast=False)
+    assert (sft.method.name, reward.method.name, ppo.method.name) == ("sft", "reward", "ppo")
+    assert ppo.model.run_dir == "/runs/sft"
+    assert ppo.method.module.reward.run_dir == "/runs/rm"
+    assert ppo.method.evaluator.reward.run_dir == "/runs/rm"
+    assert ppo.trainer.gradient_clip_val == ppo.method.module.max_grad_norm  # clipping moves into the module
+    rouge = make_cfg(tmp_path, "experiment=rlhf_ppo_rouge", fast=False)
+    assert rouge.method.module.reward._target_.endswith("RougeReward")
+
+
+def test_a_reward_run_dir_that_is_not_a_reward_model_is_refused(tmp_path):
+    from tunelab.methods.rewards import RewardModelScorer
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(TunelabError, match="not a reward model"):
+        RewardModelScorer(str(tmp_path))

@@ -1,0 +1,49 @@
+"""Curves of reward-model and PPO runs from their csv/metrics.csv: python plot.py RUN_DIR... --out DIR"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+PANELS = {
+    "reward": ["train/loss", "train/accuracy", "val/accuracy", "val/margin"],
+    "ppo": ["ppo/score", "ppo/monitor_rougeL", "ppo/monitor_exact", "ppo/kl", "ppo/entropy",
+            "ppo/response_length", "ppo/clipfrac", "ppo/explained_variance"],
+}
+
+
+def plot(run_dir: Path, out: Path) -> Path | None:
+    frame = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    kind = "ppo" if "ppo/score" in frame else "reward"
+    columns = [c for c in PANELS[kind] if c in frame]
+    if not columns:
+        return None
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 2.8))
+    for ax, column in zip(list(axes) if len(columns) > 1 else [axes], columns):
+        series = frame[["step", column]].dropna()
+        ax.plot(series["step"], series[column], marker=".")
+        ax.set_title(column, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(run_dir.name, fontsize=10)
+    fig.tight_layout()
+    target = out / f"{run_dir.name}.png"
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for run in args.runs:
+        print(plot(run, args.out))
