@@ -351,7 +351,7 @@ class PPOModule(LanguageModelModule):
                 vf_loss, vf_clipfrac = value_loss(values, r.values[idx], returns[idx], m, self.cliprange_value)
                 loss = pg_loss + self.vf_coef * vf_loss
                 optimizer.zero_grad()
-                self.manual_backward(loss)
+                self.synced_backward(loss)
                 if self.max_grad_norm:
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
@@ -399,6 +399,27 @@ class PPOModule(LanguageModelModule):
                 logger.log_table(key="ppo/samples", columns=keys, data=[[row[k] for k in keys] for row in self.samples])
 
     # -- optimisation and device
+
+    def synced_backward(self, loss: torch.Tensor) -> None:
+        """Backward, then gradients averaged over DDP ranks.
+
+        DDP syncs only the first backward after a forward through its wrapper, and a PPO step makes
+        several backwards per training_step, so the reducer is bypassed and every minibatch averaged here."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = getattr(self.trainer.strategy, "model", None)
+        if not isinstance(wrapped, DistributedDataParallel):
+            self.manual_backward(loss)
+            return
+        with wrapped.no_sync():
+            self.manual_backward(loss)
+        world = torch.distributed.get_world_size()
+        for param in self.parameters():
+            if param.requires_grad:
+                if param.grad is None:  # a parameter unused on this rank still joins the average
+                    param.grad = torch.zeros_like(param)
+                torch.distributed.all_reduce(param.grad)
+                param.grad.div_(world)
 
     def configure_optimizers(self):
         from transformers import get_scheduler
