@@ -299,7 +299,7 @@ class PPOModule(LanguageModelModule):
     def rollout(self, batch: dict) -> tuple[Rollout, list[str], list]:
         tok = self.tokenizer
         query, query_mask = to_left_padding(batch["input_ids"], batch["attention_mask"], tok.pad_token_id)
-        prompts = batch.get("prompt") or tok.batch_decode(batch["input_ids"] * batch["attention_mask"], skip_special_tokens=False)
+        prompts = batch.get("prompt") or [tok.decode(ids[m.bool()]) for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
         references = batch.get("reference") or [None] * len(query)
         response, mask, has_eos, _ = self.generate(query, query_mask)
         texts = self.decode(response, mask)
