@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,10 +81,9 @@ class Evaluator:
     def conversations(self, datamodule, split: str, max_examples: int | None) -> list:
         available = datamodule.conversations(split)
         if not available and datamodule.examples.get(split):
-            raise TunelabError(
-                f"the {split} split has no reference responses to compare generations with (raw text or "
-                "prompts without an answer); evaluate on prompt/completion data or set eval.metrics={}"
-            )
+            # Raw text (method=pretrain) has no responses to generate: loss/perplexity still stand.
+            log.warning("%s: no reference responses (raw text?), so generation metrics are skipped", split)
+            return []
         if max_examples and len(available) > max_examples:
             log.info("%s: generating for the first %d of %d examples (eval.max_examples)", split, max_examples,
                      len(available))
@@ -116,8 +116,10 @@ class Evaluator:
     def predictions(self, model, datamodule, split: str | None = None, max_examples: int | None = None,
                     few_shot: bool = False, stream_to: Path | None = None) -> EvalResult:
         split = split or self.split
+        if not self.metrics:
+            return EvalResult()
         conversations = self.conversations(datamodule, split, max_examples or self.max_examples)
-        if not conversations or not self.metrics:
+        if not conversations:
             return EvalResult()
         prompts = self.prompt_texts(datamodule, conversations, self.few_shot_prefix(datamodule) if few_shot else [])
         questions = [c.prompt[-1]["content"] for c in conversations]
@@ -189,13 +191,16 @@ def as_result(value) -> EvalResult:
 
 def evaluate(evaluator, name: str, model, datamodule, run_dir: Path | None = None) -> EvalResult:
     """One model's evaluation, its generations streamed to run_dir/generations/NAME.jsonl as they come."""
+    started = time.perf_counter()
     if not isinstance(evaluator, Evaluator) or run_dir is None:
-        return as_result(evaluator.run(model, datamodule))
-    folder = run_dir / "generations"
-    folder.mkdir(parents=True, exist_ok=True)
-    if name == "few_shot":
-        return evaluator.run_few_shot(model, datamodule, stream_to=folder / f"{name}.jsonl")
-    return evaluator.run(model, datamodule, stream_to=folder / f"{name}.jsonl")
+        result = as_result(evaluator.run(model, datamodule))
+    else:
+        folder = run_dir / "generations"
+        folder.mkdir(parents=True, exist_ok=True)
+        run = evaluator.run_few_shot if name == "few_shot" else evaluator.run
+        result = run(model, datamodule, stream_to=folder / f"{name}.jsonl")
+    log.info("evaluated %s in %.1f s", name, time.perf_counter() - started)
+    return result
 
 
 def baseline_results(evaluator, model, datamodule, run_dir: Path, resuming: bool) -> dict[str, EvalResult]:

@@ -85,11 +85,25 @@ def sentence_encoder(model_path: str | None, device: str = "cpu"):
                            "point model_path at a local sentence-transformers folder") from err
 
 
+_LAST_SIMILARITIES: dict = {}
+
+
 def cosine_similarities(predictions: list[str], references: list[str], model_path: str | None = None,
                         device: str = "cpu", batch_size: int = 64) -> list[float]:
-    """Cosine similarity of each prediction with its reference; an empty prediction scores 0."""
+    """Cosine similarity of each prediction with its reference; an empty prediction scores 0.
+
+    The last answer is remembered, so semantic similarity and error analysis (off-topic) of the same
+    outputs encode them once."""
     if not predictions:
         return []
+    key = (model_path, device, tuple(predictions), tuple(references))
+    if key not in _LAST_SIMILARITIES:
+        _LAST_SIMILARITIES.clear()
+        _LAST_SIMILARITIES[key] = encode_similarities(predictions, references, model_path, device, batch_size)
+    return list(_LAST_SIMILARITIES[key])
+
+
+def encode_similarities(predictions, references, model_path, device, batch_size) -> list[float]:
     encoder = sentence_encoder(model_path, device)
     embeddings = encoder.encode(list(predictions) + list(references), batch_size=batch_size,
                                 convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)

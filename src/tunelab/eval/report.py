@@ -12,7 +12,7 @@ from rich.table import Table
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 NOT_SCORES = ("new_tokens", "index")
-LABELS = {"base": "base", "few_shot": "few-shot base", "tuned": "tuned", "model": "model"}
+LABELS = {"base": "base", "few_shot": "few-shot base", "tuned": "tuned", "model": "model (zero-shot)"}
 
 
 def comparison(base: dict, tuned: dict) -> dict:
@@ -88,7 +88,8 @@ def cell(text, limit: int = 300) -> str:
 def metrics_table(results: dict) -> list[str]:
     names = [n for n, r in results.items() if r is not None]
     keys = list(dict.fromkeys(k for n in names for k in results[n].metrics))
-    delta_pairs = [(b, t) for b, t in (("base", "tuned"), ("few_shot", "tuned"), ("base", "few_shot"))
+    delta_pairs = [(b, t) for b, t in (("base", "tuned"), ("few_shot", "tuned"), ("base", "few_shot"),
+                                                    ("model", "few_shot"))
                    if b in names and t in names]
     header = ["metric"] + [LABELS.get(n, n) for n in names] + [f"Δ {LABELS[t]} − {LABELS[b]}" for b, t in delta_pairs]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

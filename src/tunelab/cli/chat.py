@@ -1,0 +1,135 @@
+"""`tunelab-chat TARGET`: talk to a run's tuned model (or any model) with the template it trained with.
+
+Tokens stream as they are generated. `/reset` forgets the conversation, `/quit` (or end of input)
+leaves. Reads stdin line by line, so it is scriptable: `printf 'hi\\n/quit\\n' | tunelab-chat RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tunelab.cli.common import die, quiet_libraries
+from tunelab.errors import TunelabError
+
+COMMANDS = "/reset forgets the conversation, /quit leaves"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tunelab-chat", description=__doc__.splitlines()[0],
+                                     epilog="Example: tunelab-chat outputs/default/runs/<time>")
+    parser.add_argument("target", help="a run dir, its final/ folder, an HF model folder, or embedded:NAME")
+    parser.add_argument("--system", default=None, help="a system prompt at the start of every conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--precision", default="bf16", help="bf16 or 32")
+    parser.add_argument("--no-stream", action="store_true", help="print each reply whole")
+    return parser.parse_args(argv)
+
+
+class Session:
+    """One conversation with a model: the history, the prompt template, and generation settings."""
+
+    def __init__(self, model, tokenizer, template: str = "chat", system: str | None = None,
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, precision: str = "bf16"):
+        from tunelab.data.templates import PromptFormatter
+
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.formatter = PromptFormatter(tokenizer, template)
+        self.system = system
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        self.generation = {"max_new_tokens": max_new_tokens, **sampling}
+        self.precision = precision
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt(self, text: str) -> str:
+        if self.formatter.template != "chat":  # a custom template is single-turn: no history
+            self.reset()
+        self.messages.append({"role": "user", "content": text})
+        return self.formatter.generation_prompt(self.messages)
+
+    def reply(self, text: str, out) -> str:
+        import torch
+
+        from tunelab.eval.generation import autocast, stop_token_ids
+
+        inputs = self.tokenizer(self.prompt(text), return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        streamer = TextStream(self.tokenizer, out) if out is not None else None
+        with torch.no_grad(), autocast(self.precision, self.model.device):
+            tokens = self.model.generate(**inputs, streamer=streamer, pad_token_id=self.tokenizer.pad_token_id,
+                                         eos_token_id=sorted(stop_token_ids(self.model, self.tokenizer)), **self.generation)
+        answer = self.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def TextStream(tokenizer, out):
+    """transformers' TextStreamer, writing to `out` instead of print()'s stdout."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def load_session(args: argparse.Namespace) -> Session:
+    from tunelab.eval.targets import chat_template_of, resolve_target
+    from tunelab.models.loading import load_pretrained
+
+    target = resolve_target(args.target)
+    model, tokenizer = load_pretrained(target.model_path)
+    return Session(model, tokenizer, chat_template_of(target.run_config), args.system, args.max_new_tokens,
+                   args.temperature, args.top_p, args.precision)
+
+
+def loop(session: Session, stdin, stdout, stream: bool = True, interactive: bool = False) -> int:
+    """Answer each line of stdin; returns the number of replies given."""
+    replies = 0
+    if interactive:
+        stdout.write(f"({COMMANDS})\n")
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            return replies
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            session.reset()
+            stdout.write("(conversation reset)\n")
+            continue
+        if text.startswith("/"):
+            stdout.write(f"(unknown command {text}; {COMMANDS})\n")
+            continue
+        if interactive:
+            stdout.write("model> ")
+        answer = session.reply(text, stdout if stream else None)
+        if not stream:
+            stdout.write(answer + "\n")
+        stdout.flush()
+        replies += 1
+
+
+def main(argv: list[str] | None = None, stdin=None, stdout=None) -> None:
+    quiet_libraries()
+    args = parse_args(argv)
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    try:
+        session = load_session(args)
+    except TunelabError as err:
+        die(str(err), err.exit_code)
+    loop(session, stdin, stdout, stream=not args.no_stream, interactive=stdin.isatty())
+
+
+if __name__ == "__main__":
+    main()

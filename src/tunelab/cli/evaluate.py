@@ -1,0 +1,93 @@
+"""`tunelab-evaluate`: the eval group on a run dir, a final/ folder, or any model, with no training."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab.cli.common import die, preflight, quiet_libraries
+from tunelab.errors import TunelabError
+from tunelab.paths import CONF_DIR
+
+log = logging.getLogger("tunelab")
+
+
+def evaluate_target(cfg: DictConfig) -> dict:
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from tunelab import rundir
+    from tunelab.eval.evaluator import evaluate
+    from tunelab.eval.report import comparison, print_comparison, write_reports
+    from tunelab.eval.targets import resolve_target
+    from tunelab.models.loading import load_pretrained
+
+    out_dir = Path(cfg.paths.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    target = resolve_target(cfg.target)
+    run_cfg = target.run_config if target else None
+    data_cfg = run_cfg.data if (run_cfg is not None and cfg.data_from_run and "data" in run_cfg) else cfg.data
+    if target is None:
+        model, tokenizer = instantiate(cfg.model, _convert_="all")
+        label = "model"
+    else:
+        model, tokenizer = load_pretrained(target.model_path)
+        label = target.label
+    datamodule = instantiate(data_cfg, tokenizer=tokenizer, _convert_="all")
+    datamodule.setup("test")
+    evaluator = instantiate(cfg.eval, _convert_="all")
+    OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
+
+    results = {}
+    if label == "tuned" and evaluator.compare_base and cfg.base_from_run:
+        base_model, _ = instantiate(run_cfg.model if run_cfg is not None and "model" in run_cfg else cfg.model,
+                                    _convert_="all")
+        results["base"] = evaluate(evaluator, "base", base_model, datamodule, out_dir)
+        if int(evaluator.few_shot["k"]):
+            results["few_shot"] = evaluate(evaluator, "few_shot", base_model, datamodule, out_dir)
+        del base_model
+    elif int(evaluator.few_shot["k"]):
+        results["few_shot"] = evaluate(evaluator, "few_shot", model, datamodule, out_dir)
+    results[label] = evaluate(evaluator, label, model, datamodule, out_dir)
+
+    title = f"{cfg.target or cfg.model.get('name_or_path', 'model')} on {evaluator.split}"
+    sections = write_reports(out_dir, results, evaluator, title, extra={"target": str(cfg.target)})
+    reference = results.get("base") or (results[label] if "few_shot" in results else None)
+    candidate = results[label] if "base" in results else results.get("few_shot")
+    metrics = {name: r.metrics for name, r in results.items()} | sections
+    metrics |= {"target": str(cfg.target), "split": evaluator.split}
+    if reference is not None and candidate is not None:
+        metrics["delta"] = comparison(reference.metrics, candidate.metrics)
+        print_comparison(reference.metrics, candidate.metrics, title=title,
+                         few_shot=results["few_shot"].metrics if "base" in results and "few_shot" in results else None)
+    else:
+        print_comparison({}, results[label].metrics, title=title)
+    rundir.write_json_atomic(out_dir / rundir.METRICS, metrics)
+    log.info("report: %s", out_dir / "report.md")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def hydra_entry(cfg: DictConfig) -> None:
+    try:
+        evaluate_target(cfg)
+    except TunelabError as err:
+        die(str(err), err.exit_code)
+
+
+def main() -> None:
+    quiet_libraries()
+    try:
+        preflight(sys.argv[1:], "evaluate")
+    except TunelabError as err:
+        die(str(err), err.exit_code)
+    hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

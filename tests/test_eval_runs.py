@@ -1,0 +1,174 @@
+"""Evaluation end to end on the tiny model: a training run with the few-shot baseline and generation
+metrics during training, then `tunelab-evaluate`, `tunelab-chat` and `tunelab-review` on its run dir."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from tunelab.errors import TunelabError
+from tunelab.paths import CONF_DIR
+
+# Tiny model, 24 training examples (3 steps an epoch, 2 epochs), 4 test examples, 4 new tokens.
+TRAIN = ["debug=fast", "trainer.enable_progress_bar=false", "data.max_train_examples=24", "trainer.max_epochs=2", "eval.max_examples=4",
+         "eval.generation.max_new_tokens=4", "eval.few_shot.k=2", "eval.during_training.every_n_epochs=1",
+         "eval.during_training.max_examples=2"]
+SMALL_EVAL = ["eval.max_examples=4", "eval.generation.max_new_tokens=4"]
+
+
+def compose_job(config: str, out_dir: Path, overrides: list[str]):
+    """The job config the CLI would build, with Hydra's runtime set (for ${hydra:...} values)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.paths.run_dir = str(out_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def run_evaluate(out_dir: Path, *overrides: str) -> dict:
+    from tunelab.cli.evaluate import evaluate_target
+
+    return evaluate_target(compose_job("evaluate", out_dir, [*SMALL_EVAL, *overrides]))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from tunelab.train import train
+
+    folder = tmp_path_factory.mktemp("run")
+    train(compose_job("train", folder, TRAIN))
+    return folder
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_writes_report_predictions_and_few_shot_beside_base_and_tuned(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for section in ("base", "few_shot", "tuned"):
+        assert {"test/rougeL", "test/semantic_similarity", "test/errors/empty"} <= set(metrics[section])
+    assert "test/loss" in metrics["base"] and "test/loss" in metrics["tuned"]
+    assert metrics["delta"]["test/rougeL"] == pytest.approx(metrics["tuned"]["test/rougeL"] - metrics["base"]["test/rougeL"])
+    assert set(metrics["summaries"]["tuned"]["error_analysis"]) >= {"empty", "truncated", "misspelled"}
+    records = read_jsonl(run_dir / "predictions.jsonl")
+    assert len(records) == 4
+    assert {"prompt", "reference", "base", "few_shot", "tuned"} <= set(records[0])
+    assert {"prediction", "rougeL", "errors", "finished"} <= set(records[0]["tuned"])
+    report = (run_dir / "report.md").read_text()
+    for heading in ("## Metrics", "## Error analysis", "## Samples"):
+        assert heading in report
+    assert "| test/rougeL |" in report and "Δ tuned − base" in report and records[0]["prompt"][:20] in report
+    # generations were streamed as they came, one file per model
+    assert len(read_jsonl(run_dir / "generations" / "tuned.jsonl")) == 4
+
+
+def test_generation_metrics_are_logged_during_training(run_dir):
+    with (run_dir / "csv" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [r for r in rows if r.get("generation/val/rougeL")]
+    assert len(logged) == 2  # every epoch, 2 epochs
+
+
+def test_few_shot_prompts_hold_k_train_examples_as_earlier_turns(run_dir):
+    from tunelab.eval import Evaluator
+    from tunelab.models import build_tiny_llama
+    from tunelab.data import DataModule
+
+    _, tokenizer = build_tiny_llama()
+    datamodule = DataModule(tokenizer, "tunelab:facts_instruct.jsonl", max_train_examples=24)
+    datamodule.setup()
+    evaluator = Evaluator(few_shot={"k": 2})
+    shots = evaluator.few_shot_prefix(datamodule)
+    test = datamodule.conversations("test")[:1]
+    prompt = evaluator.prompt_texts(datamodule, test, shots)[0]
+    assert prompt.count("<|im_start|>user") == 3 and shots[0].reference in prompt and shots[1].reference in prompt
+    assert prompt.endswith(datamodule.formatter.generation_prompt(test[0].prompt)[-40:])
+    with pytest.raises(TunelabError, match="few_shot.k"):
+        Evaluator(few_shot={"k": 1000}).few_shot_prefix(datamodule)
+
+
+def test_evaluate_on_a_run_dir_gives_the_same_report_as_training(run_dir, tmp_path):
+    metrics = run_evaluate(tmp_path, f"target={run_dir}")
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    # same model, same data split, greedy: the same numbers (loss in bf16 to a small tolerance)
+    for key in ("test/rougeL", "test/errors/empty"):
+        assert metrics["tuned"][key] == pytest.approx(trained["tuned"][key])
+        assert metrics["base"][key] == pytest.approx(trained["base"][key])
+    assert metrics["tuned"]["test/loss"] == pytest.approx(trained["tuned"]["test/loss"], rel=1e-2)
+    assert (tmp_path / "report.md").is_file() and len(read_jsonl(tmp_path / "predictions.jsonl")) == 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["target"] == str(run_dir)
+
+
+def test_evaluate_any_model_with_the_llm_judge_counting_unparseable_replies(run_dir, tmp_path):
+    # The tiny random model judges: its replies are never a 1-5 score, so all are counted, none scored.
+    metrics = run_evaluate(tmp_path, "model=tiny_llama", "eval=judge", f"eval.metrics.judge.model={run_dir / 'final'}",
+                           "eval.metrics.judge.max_new_tokens=8", "eval.metrics.semantic_similarity=null",
+                           "eval.metrics.error_analysis.categories=[empty,truncated]")
+    assert set(metrics) >= {"model", "split", "target"} and "base" not in metrics
+    assert metrics["model"]["test/judge/unparseable"] + metrics["model"]["test/judge/failed"] == 4
+    assert math.isnan(metrics["model"]["test/judge_score"])
+    judged = read_jsonl(tmp_path / "predictions.jsonl")[0]["model"]
+    assert judged["judge_status"] == "unparseable" and judged["judge_reason"]
+
+
+def test_evaluate_refuses_a_bad_target(tmp_path):
+    with pytest.raises(TunelabError, match="does not exist"):
+        run_evaluate(tmp_path, f"target={tmp_path / 'missing'}")
+    with pytest.raises(TunelabError, match="neither a run dir"):
+        run_evaluate(tmp_path / "out", f"target={tmp_path}")
+
+
+def test_blind_review_sheet_round_trip(run_dir, tmp_path, capsys):
+    from tunelab.cli import review
+
+    review.main(["export", str(run_dir), "--out", str(tmp_path)])
+    key = json.loads((tmp_path / "review_key.json").read_text())
+    with (tmp_path / "review_sheet.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and "base" not in ",".join(rows[0]) and "tuned" not in ",".join(rows[0])
+    # reviewer: prefers tuned twice, base once, one tie
+    answers = []
+    for i, row in enumerate(rows):
+        tuned_slot = "1" if key["order"][row["id"]]["1"] == "tuned" else "2"
+        answers.append([tuned_slot, tuned_slot, {"1": "2", "2": "1"}[tuned_slot], "tie"][i])
+        row["preference"] = answers[-1]
+    with (tmp_path / "review_sheet.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    capsys.readouterr()
+    review.main(["score", str(tmp_path / "review_sheet.csv"), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert (result["wins"], result["losses"], result["ties"]) == (2, 1, 1)
+    assert result["win_rate"] == pytest.approx((2 + 0.5) / 4)
+
+
+def test_chat_through_stdin_with_reset_and_quit(run_dir):
+    from tunelab.cli import chat
+
+    out = io.StringIO()
+    chat.main([str(run_dir), "--max-new-tokens", "3"], stdin=io.StringIO("Hello\n/reset\n/bogus\nWhat is 2+2?\n/quit\nignored\n"),
+              stdout=out)
+    text = out.getvalue()
+    assert "(conversation reset)" in text and "unknown command /bogus" in text
+
+    session = chat.load_session(chat.parse_args([str(run_dir / "final"), "--max-new-tokens", "3"]))
+    assert chat.loop(session, io.StringIO("one\ntwo\n"), io.StringIO(), stream=False) == 2
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    session.reset()
+    assert session.messages == []
