@@ -13,6 +13,7 @@ import pytest
 import torch.distributed as dist
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import OmegaConf, read_write
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf, read_write
 from tests.helpers import make_cfg
 from tunelab.errors import TunelabError
 from tunelab.multirun import child_argv, job_label, optimized_value, swept_keys, sweep_job
-from tunelab.paths import REPO_DIR
+from tunelab.paths import CONF_DIR, REPO_DIR
 from tunelab.report import build_report
 
 # The cheapest real job: tiny model, one step, loss-only evaluation on a few examples.
@@ -194,3 +195,43 @@ def test_multirun_with_ddp_runs_each_job_once_in_its_own_dir(tmp_path):
     assert [j.name for j in jobs] == ["0", "1"]
     assert all((j / "metrics.json").is_file() for j in jobs)     # the second job did not hang
     assert not list(tmp_path.glob("outputs/*/runs"))           # no stray run dirs from rank 1
+
+
+# --- the W&B sweep file ----------------------------------------------------------------------------
+
+def agent_commands(sweep: dict) -> list[list[str]]:
+    """The command lines `wandb agent` would run: W&B's own command builder, fed every listed value
+    (and both ends of every range) of every parameter, in as few commands as that takes."""
+    from wandb.sdk.launch.sweeps import utils as sweep_utils
+
+    choices = {k: p.get("values") or [p["min"], p["max"]] for k, p in sweep["parameters"].items()}
+    assignments = [{k: v[i % len(v)] for k, v in choices.items()} for i in range(max(map(len, choices.values())))]
+    commands = []
+    for values in assignments:
+        variables = sweep_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})
+        variables |= {"env": ["/usr/bin/env"], "program": [sweep["program"]], "interpreter": ["python"]}
+        command = []
+        for part in sweep_utils.create_sweep_command(sweep["command"]):
+            command += variables.get(part[2:-1]) or [] if part.startswith("${") else [part]
+        commands.append(command)
+    return commands
+
+
+@pytest.mark.parametrize("sweep_file", sorted((REPO_DIR / "sweeps").glob("wandb_*.yaml")), ids=lambda p: p.stem)
+def test_the_wandb_sweep_builds_command_lines_that_compose(sweep_file):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    sweep = yaml.safe_load(sweep_file.read_text())
+    assert sweep["metric"]["name"].startswith(("tuned/", "base/", "train/"))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for command in agent_commands(sweep):
+            assert command[:2] == ["/usr/bin/env", "tunelab-train"]
+            cfg = compose("train", overrides=command[2:])   # fails on an override that names no config
+            for override in OverridesParser.create().parse_overrides(command[2:]):
+                key = override.get_key_element()
+                if key in sweep["parameters"]:   # the value the agent chose is the value the run gets
+                    composed = OmegaConf.select(cfg, key)
+                    composed = OmegaConf.to_object(composed) if OmegaConf.is_config(composed) else composed
+                    assert composed == override.value(), (key, composed, override.input_line)
