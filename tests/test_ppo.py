@@ -125,7 +125,7 @@ def build(tmp_path, adapter: str):
     return module, dm, trainer
 
 
-@pytest.mark.parametrize("adapter", ["lora", "full"])
+@pytest.mark.parametrize("adapter", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_a_few_updates_change_policy_and_value_with_exact_first_ratio(tmp_path, adapter):
     module, dm, trainer = build(tmp_path, adapter)
     policy_before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
