@@ -50,3 +50,25 @@ def read_metrics(run_dir: Path) -> dict:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def wandb_records(run_file: Path):
+    """Records of an offline W&B run file (a 7-byte W&B header, then LevelDB-log framed protobufs)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, offset, pending = run_file.read_bytes(), 32768, 7, b""
+    while offset + 7 <= len(data):
+        room = block - offset % block
+        if room < 7:  # block trailer padding
+            offset += room
+            continue
+        length, kind = int.from_bytes(data[offset + 4 : offset + 6], "little"), data[offset + 6]
+        payload = data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record

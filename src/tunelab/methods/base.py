@@ -77,11 +77,28 @@ class LanguageModelModule(pl.LightningModule):
             {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
         ]
 
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, for the LR schedule.
+
+        Not `trainer.estimated_stepping_batches`: called here, it builds Lightning's train iterator
+        before a checkpoint is restored, so a resumed run would never get its data position back."""
+        trainer = self.trainer
+        loader = trainer.datamodule.train_dataloader() if trainer.datamodule else None
+        if loader is None:
+            return int(trainer.estimated_stepping_batches)
+        batches = len(loader)
+        limit = trainer.limit_train_batches
+        batches = int(limit) if isinstance(limit, int) else max(1, int(batches * limit))
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        by_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        return min(x for x in (by_epochs, by_steps) if x is not None) if (by_epochs or by_steps) else per_epoch
+
     def configure_optimizers(self):
         from transformers import get_scheduler
 
         optimizer = self.optimizer_factory(self.optimizer_parameters())
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.total_optimizer_steps()
         ratio = self.scheduler_cfg.get("warmup_ratio") or 0.0
         warmup = self.scheduler_cfg.get("warmup_steps") or math.ceil(ratio * total)
         scheduler = get_scheduler(
