@@ -61,6 +61,18 @@ def test_the_gate_passes_the_training_tokenizer_and_refuses_another(run_dir, tok
     assert "tokenizer" in check_fidelity(run_dir, extended, "chat", allow_mismatch=True)
 
 
+def test_the_gate_accepts_the_tokenizer_saved_in_final_and_checks_only_run_folders(run_dir, tokenizer, tmp_path):
+    from tunelab.models.loading import load_tokenizer
+    from tunelab.provenance import gate_target
+
+    saved = load_tokenizer(str(run_dir / "final"))  # padded left by generation before it was saved
+    assert gate_target(str(run_dir / "final"), saved, "chat") == []
+    with pytest.raises(TunelabError, match="template"):
+        gate_target(str(run_dir / "final"), saved, "### Q: {prompt}")
+    assert gate_target(str(run_dir / "final"), saved, "### Q: {prompt}", allow_mismatch=True) == ["template"]
+    assert gate_target(str(tmp_path), saved, "### Q: {prompt}") == []  # not a run: nothing recorded to check
+
+
 def test_a_run_dir_without_a_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(TunelabError, match="has no provenance.json"):
         read_manifest(tmp_path)

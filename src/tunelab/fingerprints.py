@@ -39,7 +39,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     Hashes the tokenizer's serialised state rather than files on disk, so a tokenizer edited in
     memory, or the same files in another folder, hash as what they are."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    if backend is not None:
+        # Padding and truncation are call-time settings (generation pads left, training right), not the vocabulary.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    else:
+        state = sorted(tokenizer.get_vocab().items())
     special = {name: str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return digest(type(tokenizer).__name__, state, special, sorted(map(str, tokenizer.all_special_tokens)))
 

@@ -224,3 +224,19 @@ def report_reproduction(original: Path, again: Path) -> bool:
     else:
         print(f"reproduce: all {len(rows)} metrics match within reproduce_rtol={rtol}")
     return not differ
+
+
+def gate_target(model_path: str, tokenizer, template: str, allow_mismatch: bool = False) -> list[str]:
+    """The fidelity gate for tools pointed at a trained model (evaluate, chat): check the tokenizer and
+    template against the run's manifest; a folder with no run manifest above it is not checked."""
+    folder = Path(str(model_path)).expanduser()
+    for candidate in (folder, folder.parent):
+        if (candidate / MANIFEST).is_file():
+            differ = check_fidelity(candidate, tokenizer, template, allow_mismatch)
+            if differ:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "%s differ(s) from what %s trained with (allowed by allow_template_mismatch)", ", ".join(differ), candidate)
+            return differ
+    return []
