@@ -136,7 +136,7 @@ def check_fidelity(run_dir: Path, tokenizer, template: str = "chat", allow_misma
         raise TunelabError(
             f"{what} differ(s) from what {run_dir} was trained with (trained with template "
             f"{recorded.get('template_setting')!r}); use the run's own tokenizer and template, or pass "
-            "allow_template_mismatch=true to use them anyway"
+            "allow_template_mismatch=true (tunelab-chat: --allow-template-mismatch) to use them anyway"
         )
     return differ
 

@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--precision", default="bf16", help="bf16 or 32")
     parser.add_argument("--no-stream", action="store_true", help="print each reply whole")
+    parser.add_argument("--allow-template-mismatch", action="store_true",
+                        help="chat even if the tokenizer or template differs from the run's (refused by default)")
     return parser.parse_args(argv)
 
 
@@ -85,6 +87,10 @@ def load_session(args: argparse.Namespace) -> Session:
 
     target = resolve_target(args.target)
     model, tokenizer = load_pretrained(target.model_path)
+    from tunelab.provenance import gate_target  # the fidelity gate: the run's own tokenizer and template
+
+    gate_target(target.model_path, tokenizer, chat_template_of(target.run_config),
+                getattr(args, "allow_template_mismatch", False))
     return Session(model, tokenizer, chat_template_of(target.run_config), args.system, args.max_new_tokens,
                    args.temperature, args.top_p, args.precision)
 

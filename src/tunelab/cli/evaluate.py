@@ -39,6 +39,10 @@ def evaluate_target(cfg: DictConfig) -> dict:
         model, tokenizer = load_pretrained(target.model_path)
         label = target.label
     datamodule = instantiate(data_cfg, tokenizer=tokenizer, _convert_="all")
+    if target is not None:  # the fidelity gate: the run's own tokenizer and template, or a clear refusal
+        from tunelab.provenance import gate_target
+
+        gate_target(target.model_path, tokenizer, datamodule.formatter.template, cfg.allow_template_mismatch)
     datamodule.setup("test")
     evaluator = instantiate(cfg.eval, _convert_="all")
     OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
