@@ -114,6 +114,17 @@ def test_evaluate_on_a_run_dir_gives_the_same_report_as_training(run_dir, tmp_pa
     assert json.loads((tmp_path / "metrics.json").read_text())["target"] == str(run_dir)
 
 
+def test_local_llm_judge_on_a_real_tiny_model_counts_its_unparseable_replies(run_dir):
+    from tunelab.eval import LLMJudge
+
+    # A tiny random model never answers "Score: N": each reply is counted, kept, and not scored.
+    judge = LLMJudge(model=str(run_dir / "final"), max_new_tokens=6)
+    means, per = judge(["Paris.", "Lima."], ["Paris.", "Lima."], prompts=["Capital of France?", "Capital of Peru?"])
+    assert means["judge/unparseable"] + means["judge/failed"] == 2 and math.isnan(means["judge_score"])
+    assert all(p["judge_score"] is None and p["judge_reason"] for p in per)
+
+
+@pytest.mark.slow
 def test_evaluate_any_model_with_the_llm_judge_counting_unparseable_replies(run_dir, tmp_path):
     # The tiny random model judges: its replies are never a 1-5 score, so all are counted, none scored.
     metrics = run_evaluate(tmp_path, "model=tiny_llama", "eval=judge", f"eval.metrics.judge.model={run_dir / 'final'}",

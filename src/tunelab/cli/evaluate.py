@@ -55,7 +55,7 @@ def evaluate_target(cfg: DictConfig) -> dict:
         if int(evaluator.few_shot["k"]):
             results["few_shot"] = evaluate(evaluator, "few_shot", base_model, datamodule, out_dir)
         del base_model
-    elif int(evaluator.few_shot["k"]):
+    elif label == "model" and int(evaluator.few_shot["k"]):  # any model: its own zero- vs few-shot
         results["few_shot"] = evaluate(evaluator, "few_shot", model, datamodule, out_dir)
     results[label] = evaluate(evaluator, label, model, datamodule, out_dir)
 
