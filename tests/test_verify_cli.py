@@ -44,6 +44,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 
 
 def test_a_failing_pair_exits_1(capsys):
+    # Tolerances are config values: below zero nothing can pass, so the verdict comes from the config.
     with pytest.raises(SystemExit) as exit_info:
         main(["verify.tiny=true", "verify.pairs=[seeded]", "verify.steps=1",
               "verify.tolerance.seeded.loss=-1", "verify.tolerance.seeded.grad_norm=-1"])

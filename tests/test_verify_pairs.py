@@ -80,6 +80,7 @@ def test_resume_pair_passes_and_fails_when_the_schedule_is_not_restored(tmp_path
     assert broken.measured["lr"] > broken.tolerance["lr"] and broken.measured["loss"] > broken.tolerance["loss"]
 
 
+@pytest.mark.slow  # the schedule test above keeps a broken-resume check in the default run
 def test_resume_pair_fails_when_the_data_position_is_not_restored(tmp_path, monkeypatch):
     from tunelab.data.batching import ResumableDataLoader
 
@@ -108,10 +109,3 @@ def test_pairs_that_do_not_apply_are_skipped_with_the_reason(tmp_path):
     assert full.status == SKIP and "nothing to merge" in full.note
     unpacked = packing(context(tmp_path))
     assert unpacked.status == SKIP and "packing is off" in unpacked.note
-
-
-def test_tolerances_are_config_values(tmp_path):
-    # With a negative tolerance nothing can pass: the verdict comes from the config, not from the code.
-    strict = context(tmp_path, tolerance={"seeded": {"loss": -1.0, "grad_norm": -1.0}})
-    result = seeded(strict)
-    assert result.status == FAIL and result.tolerance["loss"] == -1.0
