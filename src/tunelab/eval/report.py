@@ -140,20 +140,21 @@ def summaries_section(results: dict) -> list[str]:
 
 def examples_table(records: list[dict], names: list[str], limit: int | None) -> list[str]:
     keys = score_keys([record[n] for record in records for n in names if n in record])
-    header = ["#", "prompt", "reference"] + [LABELS.get(n, n) for n in names] + keys
+    header = ["#", "prompt", "reference"] + [LABELS.get(n, n) for n in names] + keys + ["errors"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, record in enumerate(records[: limit or None]):
         outputs = [cell(record.get(n, {}).get("prediction")) for n in names]
         scores = []
         for key in keys:
             values = [record.get(n, {}).get(key) for n in names]
-            text = " / ".join(fmt(v) if v is not None else "-" for v in values)
+            text = " / ".join(f"{v:.2f}" if isinstance(v, (int, float)) else "-" for v in values)
             first, last = values[0], values[-1]
             if len(names) > 1 and isinstance(first, (int, float)) and isinstance(last, (int, float)):
                 text += f" ({last - first:+.2f})"
             scores.append(text)
+        errors = " / ".join(",".join(record.get(n, {}).get("errors", [])) or "-" for n in names)
         lines.append("| " + " | ".join([str(i + 1), cell(record["prompt"], 160), cell(record["reference"], 160)]
-                                       + outputs + scores) + " |")
+                                       + outputs + scores + [errors]) + " |")
     return lines
 
 
