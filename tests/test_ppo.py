@@ -111,8 +111,8 @@ PPO_FAST = ["method=ppo", "trainer.precision=32-true", "data.max_train_examples=
             "method.evaluator.max_examples=4", "trainer.max_steps=-1", "trainer.max_epochs=1"]
 
 
-def build(tmp_path, adapter: str):
-    cfg = make_cfg(tmp_path, *PPO_FAST, f"adapter={adapter}", "optimizer.lr=1e-2")
+def build(tmp_path, adapter: str, *overrides: str):
+    cfg = make_cfg(tmp_path, *PPO_FAST, f"adapter={adapter}", "optimizer.lr=1e-2", *overrides)
     pl.seed_everything(0)
     model, tokenizer = instantiate(cfg.model, _convert_="all")
     dm = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
@@ -160,6 +160,25 @@ def test_fresh_adapter_kl_is_exactly_zero_and_generation_logprobs_match(tmp_path
     m = mask.bool()
     assert torch.allclose(from_generation[m], logprobs[m], atol=1e-4)
     assert torch.equal(logprobs, ref)  # LoRA's B starts at 0: the policy is exactly the reference
+
+
+def test_value_model_can_start_from_a_reward_model(tmp_path):
+    from tunelab.methods.reward import as_reward_model
+    from tunelab.models import build_tiny_llama
+
+    model, tok = build_tiny_llama()
+    folder = tmp_path / "rm" / "final"
+    rm = as_reward_model(model, tok)
+    rm.config.architectures = ["LlamaForSequenceClassification"]
+    rm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    module, dm, _ = build(tmp_path, "lora", f"method.module.value_model={tmp_path / 'rm'}")
+    assert not isinstance(module.value_net, torch.nn.Linear)
+    assert all(p.requires_grad for p in module.value_net.parameters())
+    query, response = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
+    ones = torch.ones_like
+    _, _, values = module.forward_pass(module.model, query, ones(query), response, ones(response), with_values=True)
+    assert values.shape == (1, 2) and torch.isfinite(values).all()
 
 
 def test_ppo_run_end_to_end_writes_metrics_and_a_loadable_policy(tmp_path):
