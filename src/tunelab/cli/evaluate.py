@@ -38,7 +38,10 @@ def evaluate_target(cfg: DictConfig) -> dict:
     else:
         model, tokenizer = load_pretrained(target.model_path)
         label = target.label
-    datamodule = instantiate(data_cfg, tokenizer=tokenizer, _convert_="all")
+    # A run's loss is computed the way it trained (e.g. train_on_prompt); otherwise the default.
+    method = run_cfg.get("method") if run_cfg is not None else None
+    tokenization = instantiate(method.tokenization, _convert_="all") if method and method.get("tokenization") else None
+    datamodule = instantiate(data_cfg, tokenizer=tokenizer, tokenization=tokenization, _convert_="all")
     if target is not None:  # the fidelity gate: the run's own tokenizer and template, or a clear refusal
         from tunelab.provenance import gate_target
 
