@@ -20,8 +20,6 @@ from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginOptunaSweeper
-from optuna.samplers import GridSampler
 
 from tunelab.errors import TunelabError
 
@@ -64,6 +62,8 @@ def grid_exhaustion_tolerated():
     """GridSampler calls `study.stop()` once the grid is used up, which raises outside `optimize()`; the
     plugin (ask/tell) excuses that only for a COMPLETE trial, so a grid whose last trial fails kills the
     sweep. The sweeper already caps n_trials at the grid size, so that stop has nothing to stop."""
+    from optuna.samplers import GridSampler  # here, not at the top: Hydra imports this module on every start
+
     original = GridSampler.after_trial
 
     def after_trial(self, study, trial, state, values):
@@ -80,17 +80,23 @@ def grid_exhaustion_tolerated():
         GridSampler.after_trial = original
 
 
-class OptunaSweeper(PluginOptunaSweeper):
-    def setup(self, *, hydra_context, task_function, config) -> None:
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        self.sweeper.launcher = NonFiniteFails(self.sweeper.launcher)
+try:  # the `sweeps` extra; without it there is simply no Optuna sweeper to offer (and no warning)
+    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginOptunaSweeper
+except ImportError:
+    PluginOptunaSweeper = None
 
-    def sweep(self, arguments: list[str]) -> None:
-        try:
-            with grid_exhaustion_tolerated():
-                return super().sweep(arguments)
-        except ValueError as err:
-            if "No trials are completed yet" in str(err):  # optuna's words when every trial failed
-                raise TrialFailed("every trial of the sweep failed or diverged; see the FAILED files in the "
-                                  "sweep dir, and try a smaller learning-rate range") from None
-            raise
+if PluginOptunaSweeper is not None:
+    class OptunaSweeper(PluginOptunaSweeper):
+        def setup(self, *, hydra_context, task_function, config) -> None:
+            super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+            self.sweeper.launcher = NonFiniteFails(self.sweeper.launcher)
+
+        def sweep(self, arguments: list[str]) -> None:
+            try:
+                with grid_exhaustion_tolerated():
+                    return super().sweep(arguments)
+            except ValueError as err:
+                if "No trials are completed yet" in str(err):  # optuna's words when every trial failed
+                    raise TrialFailed("every trial of the sweep failed or diverged; see the FAILED files in the "
+                                      "sweep dir, and try a smaller learning-rate range") from None
+                raise
