@@ -295,9 +295,12 @@ class DPOEvaluator:
         s = self.split
         metrics = {f"{s}/logp_accuracy": preference_accuracy(chosen, rejected).item(),
                    f"{s}/logps_chosen": chosen.mean().item(), f"{s}/logps_rejected": rejected.mean().item()}
-        rows = [{"prompt": p.prompt[-1]["content"], "chosen": p.chosen[-1]["content"], "rejected": p.rejected[-1]["content"],
-                 "logps_chosen": c, "logps_rejected": r}
-                for p, c, r in zip(datamodule.examples[self.split], chosen.tolist(), rejected.tolist())]
+        pairs = datamodule.examples[self.split]
+        if len(pairs) != len(dataset):  # some pairs did not fit data.max_length: texts no longer line up
+            pairs = [None] * len(dataset)
+        rows = [{**({"prompt": p.prompt[-1]["content"], "chosen": p.chosen[-1]["content"],
+                     "rejected": p.rejected[-1]["content"]} if p else {}), "logps_chosen": c, "logps_rejected": r}
+                for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist())]
         if reference is not None:
             out = dpo_loss(chosen, rejected, *reference, self.beta, self.loss_type, self.label_smoothing, n_chosen, n_rejected)
             metrics |= {f"{s}/loss": out.losses.mean().item(),
