@@ -94,7 +94,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
     import tunelab.train as train_module
 
     original = train_module.build_callbacks
-    train_module.build_callbacks = lambda cfg: original(cfg) + [CrashAt(6)]
+    train_module.build_callbacks = lambda *args: original(*args) + [CrashAt(6)]
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_train(crashed, *common)
@@ -130,3 +130,9 @@ def test_wandb_offline_run_records_config_group_and_job_type(tmp_path, monkeypat
     assert list(run_record.tags) == ["a", "b"]
     config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
     assert config["adapter"]["r"] == 8 and config["seed"] == 42
+
+
+def test_logger_none_runs_with_the_default_callbacks(tmp_path):
+    run_train(tmp_path, "logger=none", "trainer.max_steps=2", "eval.compare_base=false", "eval.metrics={}")
+    assert read_metrics(tmp_path)["train"]["global_step"] == 2
+    assert not (tmp_path / "csv").exists()

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
 from tunelab import rundir
@@ -39,8 +40,10 @@ def build_loggers(cfg: DictConfig, resuming: bool) -> list:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig) -> list:
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not has_logger:  # Lightning refuses a learning-rate monitor with nowhere to log (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return callbacks + [TrackDataProgress()]
 
 
@@ -91,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg, resuming=ckpt_path is not None)
     # A method may pin Trainer arguments its loop needs (PPO's manual optimization clips by itself).
     pinned = OmegaConf.to_container(cfg.method.trainer, resolve=True) if cfg.method.get("trainer") else {}
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=build_callbacks(cfg) + eval_callbacks(evaluator),
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=build_callbacks(cfg, bool(loggers)) + eval_callbacks(evaluator),
                                       default_root_dir=str(run_dir), _convert_="all", **pinned)
     failed = True
     try:
