@@ -127,7 +127,10 @@ def test_step_zero_is_ln2_and_only_the_policy_gets_gradients(tiny, pairs_data, a
         assert all(p.grad is None and not p.requires_grad for p in module.ref_model.parameters())
 
 
-@pytest.mark.parametrize("adapter, precompute", [("full", True), ("lora", False)])
+@pytest.mark.parametrize("adapter, precompute", [
+    pytest.param("full", True, marks=pytest.mark.slow),  # the default run covers full via the step-zero test
+    ("lora", False),
+])
 def test_overfitting_four_pairs_raises_preference_accuracy(tiny, pairs_data, adapter, precompute):
     model = policy(tiny[0], adapter)
     evaluator = DPOEvaluator(split="train", batch_size=4, precision=None, beta=0.1)
