@@ -20,3 +20,14 @@ from tests.helpers import embedded_tokenizer  # noqa: E402
 def tokenizer():
     """The embedded model's real tokenizer (chat template; pad == eos == <|im_end|>)."""
     return embedded_tokenizer()
+
+
+@pytest.fixture
+def one_thread():
+    """Many short CPU fits in a row: one thread each avoids oversubscribing a small shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

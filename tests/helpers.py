@@ -22,11 +22,11 @@ def embedded_tokenizer():
     return load_tokenizer("embedded:smollm2-135m-instruct")
 
 
-def make_cfg(run_dir: Path, *overrides: str, fast: bool = True) -> DictConfig:
+def make_cfg(run_dir: Path, *overrides: str, fast: bool = True, config: str = "train") -> DictConfig:
     """The job config the CLI would build for these overrides, with Hydra's runtime set up."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*(FAST if fast else []), *overrides], return_hydra_config=True)
+        cfg = compose(config, overrides=[*(FAST if fast else []), *overrides], return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
         cfg.paths.run_dir = str(run_dir)

@@ -10,13 +10,9 @@ import math
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
+from tests.helpers import make_cfg
 from tunelab.errors import TunelabError
-from tunelab.paths import CONF_DIR
 
 # Tiny model, 24 training examples (3 steps an epoch, 2 epochs), 4 test examples, 4 new tokens.
 TRAIN = ["debug=fast", "trainer.enable_progress_bar=false", "data.max_train_examples=24", "trainer.max_epochs=2", "eval.max_examples=4",
@@ -27,16 +23,7 @@ SMALL_EVAL = ["eval.max_examples=4", "eval.generation.max_new_tokens=4"]
 
 def compose_job(config: str, out_dir: Path, overrides: list[str]):
     """The job config the CLI would build, with Hydra's runtime set (for ${hydra:...} values)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-        cfg.paths.run_dir = str(out_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return make_cfg(out_dir, *overrides, fast=False, config=config)
 
 
 def run_evaluate(out_dir: Path, *overrides: str) -> dict:

@@ -7,15 +7,7 @@ import pytest
 from tunelab.cli.verify import main, split_args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Short CPU fits on a shared 2-core machine run several times faster without thread contention."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_splits_train_overrides_from_verify_settings():

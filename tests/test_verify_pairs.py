@@ -13,15 +13,7 @@ from tunelab.verify.pairs import FAIL, PASS, SKIP, Context, accumulation, merge,
 SMALL = {"tiny": True}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Short CPU fits on a shared 2-core machine run several times faster without thread contention."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def context(tmp_path, *overrides: str, **settings) -> Context:
