@@ -241,3 +241,17 @@ def test_ppo_runs_on_two_ddp_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout
     assert "test/reward" in read_metrics(run_dir)["tuned"]
+
+
+def test_a_resumed_run_continues_the_adaptive_kl_coefficient(tmp_path):
+    module, dm, trainer = build(tmp_path, "lora", "method.module.kl_target=0.001", "method.module.kl_horizon=10")
+    trainer.fit(module, datamodule=dm)
+    adapted = module.kl.value
+    assert adapted != pytest.approx(0.05)  # the controller moved beta away from kl_coef
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+
+    resumed, dm2, _ = build(tmp_path, "lora", "method.module.kl_target=0.001", "method.module.kl_horizon=10")
+    done = pl.Trainer(accelerator="cpu", max_steps=trainer.global_step, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    done.fit(resumed, datamodule=dm2, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.kl.value == adapted

@@ -180,7 +180,7 @@ class PPOModule(LanguageModelModule):
                  max_grad_norm: float | None = 1.0, log_samples: int = 4):
         super().__init__(model, optimizer, scheduler)
         self.automatic_optimization = False
-        self.reward_fn, self.monitors = reward, dict(monitors or {})
+        self.reward_fn, self.monitors = reward, active(monitors)
         self.generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.kl = AdaptiveKL(kl_coef, kl_target, kl_horizon)
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
@@ -426,18 +426,31 @@ class PPOModule(LanguageModelModule):
 
         optimizer = self.optimizer_factory(self.optimizer_parameters())
         updates = self.ppo_epochs * self.num_minibatches
+        # max_steps counts optimizer steps; otherwise each rollout batch makes `updates` of them.
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \
-            else int(self.trainer.estimated_stepping_batches) * updates
+            else self.total_optimizer_steps() * updates
         warmup = self.scheduler_cfg.get("warmup_steps") or int((self.scheduler_cfg.get("warmup_ratio") or 0.0) * total)
         scheduler = get_scheduler(self.scheduler_cfg.get("name", "constant"), optimizer, num_warmup_steps=warmup,
                                   num_training_steps=max(total, 1),
                                   scheduler_specific_kwargs=dict(self.scheduler_cfg.get("kwargs") or {}))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ppo_kl_coef"] = self.kl.value  # the adaptive controller's state, so a resume continues it
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kl.value = checkpoint.get("ppo_kl_coef", self.kl.value)
+
     def on_fit_start(self) -> None:
         if hasattr(self.reward_fn, "to"):
             self.reward_fn.to(self.device)
         Path(self.trainer.default_root_dir, "samples.jsonl").unlink(missing_ok=True)
+
+
+def active(monitors: dict | None) -> dict:
+    """The monitors left on: a `null` entry (`method.module.monitors.exact=null`) removes one."""
+    return {name: fn for name, fn in (monitors or {}).items() if fn is not None}
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -460,7 +473,7 @@ class PolicyEvaluator:
     def __init__(self, reward, monitors: dict | None = None, split: str = "test", max_examples: int | None = 64,
                  batch_size: int = 32, max_new_tokens: int = 32, precision: str | None = "bf16",
                  compare_base: bool = True):
-        self.reward, self.monitors = reward, dict(monitors or {})
+        self.reward, self.monitors = reward, active(monitors)
         self.split, self.max_examples, self.batch_size = split, max_examples, batch_size
         self.max_new_tokens, self.precision, self.compare_base = max_new_tokens, precision, compare_base
 
