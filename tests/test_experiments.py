@@ -34,10 +34,11 @@ def finished(tmp_path_factory):
 
 
 def tiny_model(experiment: str) -> list[str]:
-    """An experiment that pins the embedded model gets the tiny one here (one that starts from an
-    earlier run's model keeps it: that run was tiny already)."""
+    """An experiment that pins the embedded model gets the tiny one here, a tiny sentence-transformer for
+    all-MiniLM-L6-v2 (one that starts from an earlier run's model keeps it: that run was tiny already)."""
     make_cfg(Path("unused"), f"experiment={experiment}")
-    return [] if HydraConfig.get().runtime.choices.get("model") == "run" else ["model=tiny_llama"]
+    model = HydraConfig.get().runtime.choices.get("model")
+    return [] if model == "run" else ["model=tiny_sentence_transformer" if model == "minilm" else "model=tiny_llama"]
 
 
 def staged(experiments):

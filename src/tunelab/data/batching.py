@@ -43,7 +43,7 @@ class StepBatchSampler(Sampler):
 
     def __init__(self, dataset: TokenizedDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
                  group_by_length: bool = True, accumulate: int = 1, megabatch_factor: int = 32,
-                 shard: bool = True):
+                 shard: bool = True, min_per_rank: int = 1):
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -52,6 +52,7 @@ class StepBatchSampler(Sampler):
         self.accumulate = max(1, int(accumulate))
         self.megabatch_factor = megabatch_factor
         self.shard = shard  # False: this process sees every example (evaluation on one rank)
+        self.min_per_rank = min_per_rank  # a last batch with fewer examples per rank is dropped
         self.epoch = 0
         self.skip = 0  # batches of this epoch already trained on before a resume
         self.sampler = self  # Lightning calls set_epoch on `batch_sampler.sampler`
@@ -87,9 +88,9 @@ class StepBatchSampler(Sampler):
         chunks = [order[start : start + step] for start in range(0, len(order), step)]
         if self.shuffle and self.group_by_length:
             random.Random(self.seed * 7919 + self.epoch).shuffle(chunks)
-        # A chunk too small to give every rank an example is dropped (DistributedSampler would pad);
-        # after the shuffle, so the other batches keep the order one process at N*B sees.
-        return [[chunk[r::size] for r in range(size)] for chunk in chunks if len(chunk) >= size]
+        # A chunk too small to give every rank an example (min_per_rank) is dropped (DistributedSampler
+        # would pad); after the shuffle, so the other batches keep the order one process at N*B sees.
+        return [[chunk[r::size] for r in range(size)] for chunk in chunks if len(chunk) >= size * self.min_per_rank]
 
     def __iter__(self):
         rank, _ = self.world()

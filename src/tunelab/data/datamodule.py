@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class DataModule(pl.LightningDataModule):
+    min_per_rank = 1  # fewest examples a batch may give each rank (a smaller last batch is dropped)
+
     def __init__(
         self,
         tokenizer,
@@ -107,6 +109,7 @@ class DataModule(pl.LightningDataModule):
             group_by_length=self.group_by_length,
             accumulate=self.accumulate_grad_batches if train else 1,
             shard=shard,
+            min_per_rank=self.min_per_rank,
         )
         return ResumableDataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator,
                                    num_workers=self.num_workers)

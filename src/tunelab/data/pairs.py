@@ -4,7 +4,9 @@ Records may use sentence-transformers' names (`anchor`, `positive`, `negative`),
 other methods read, taken as "a question and its answer": TRL preference rows (prompt -> chosen,
 rejected as the hard negative), prompt/completion, alpaca (instruction + input -> output). A
 `fields` mapping renames columns first. Texts are tokenised plainly (no chat template: an embedding
-sees the text itself), with EOS appended so last-token pooling reads a token that has seen everything.
+sees the text itself) and cut by the tokenizer's own truncation (a BERT text keeps its [SEP], as
+sentence-transformers' encode does), with EOS appended where the tokenizer has one, so last-token
+pooling of a causal LM reads a token that has seen everything.
 """
 
 from __future__ import annotations
@@ -77,27 +79,41 @@ class TextPairTokenizer:
         if self.use_negatives and pairs and all(p.negative for p in pairs):
             roles.append("negative")
         eos = [tokenizer.eos_token_id] if self.add_eos and tokenizer.eos_token_id is not None else []
-        encoded = {role: tokenizer([getattr(p, role) for p in pairs], add_special_tokens=True)["input_ids"]
-                   for role in roles} if pairs else {}
+        encoded = {}
+        for role in roles:
+            encoded[role], cut = self.encode(tokenizer, [getattr(p, role) for p in pairs], max_length - len(eos))
+            report.truncated += cut
         rows = []
         for i in range(len(pairs)):
-            row = {}
-            for role in roles:
-                ids = encoded[role][i][: max_length - len(eos)] + eos
-                report.truncated += len(encoded[role][i]) + len(eos) > max_length
-                row[f"{role}_input_ids"] = ids
+            row = {f"{role}_input_ids": encoded[role][i] + eos for role in roles}
             # The batch sampler groups by `input_ids` length and counts `labels`; neither is trained on.
             rows.append(row | {"input_ids": row["anchor_input_ids"], "labels": row["anchor_input_ids"]})
         report.kept = len(rows)
         return rows, report
 
+    @staticmethod
+    def encode(tokenizer, texts: list[str], limit: int) -> tuple[list[list[int]], int]:
+        """(token ids of each text within `limit`, how many were cut)."""
+        if not texts:
+            return [], 0
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        long = [i for i, row in enumerate(ids) if len(row) > limit]
+        if long:
+            cut = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=limit)
+            for i, row in zip(long, cut["input_ids"]):
+                ids[i] = row
+        return ids, len(long)
+
 
 class PairsDataModule(DataModule):
     """`DataModule` over text pairs: same arguments, splits and batches; rows from `TextPairTokenizer`."""
 
+    min_per_rank = 2  # a pair alone in a batch has no negatives: such a last batch of an epoch is dropped
+
     def __init__(self, *args, tokenization=None, **kwargs):
         from tunelab.data.preference import PaddingCollator
 
+        kwargs["template"] = "{prompt}"  # pairs are tokenised plainly: no chat template (an encoder has none)
         super().__init__(*args, tokenization=tokenization or TextPairTokenizer(), **kwargs)
         if self.batch_size < 2:
             raise TunelabError(f"data.batch_size={self.batch_size}: contrastive learning needs at least 2 pairs per "

@@ -20,6 +20,10 @@ def apply_adapter(model: torch.nn.Module, adapter) -> torch.nn.Module:
         model.requires_grad_(True)
         return model
     if isinstance(adapter, PeftConfig):
+        from tunelab.models.sentence import add_lora, is_sentence_transformer
+
+        if is_sentence_transformer(model):  # LoRA goes on its transformer module; the model stays a SentenceTransformer
+            return add_lora(model, adapter)
         return get_peft_model(model, adapter)
     raise TypeError(f"adapter must be FullFineTuning or a peft.PeftConfig, got {type(adapter).__name__}")
 

@@ -1,4 +1,5 @@
-"""The `final/` folder: a model `AutoModelForCausalLM.from_pretrained` loads, with its tokenizer."""
+"""The `final/` folder: a model `AutoModelForCausalLM.from_pretrained` loads, with its tokenizer
+(`SentenceTransformer(final)` for a sentence-transformers model, LoRA merged in)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from tunelab.models.adapters import is_peft
 
 def save_final(model, tokenizer, folder: Path, base_path: str | None) -> Path:
     """Adapter folder for PEFT models (its base recorded by path), full weights otherwise."""
+    from tunelab.models.sentence import is_sentence_transformer, save_sentence_transformer
+
+    if is_sentence_transformer(model):
+        return save_sentence_transformer(model, folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     if is_peft(model):
