@@ -120,3 +120,57 @@ def test_fused_adamw_takes_the_same_steps_as_foreach(batch):
             optimizer.step()
         weights.append(torch.cat([p.detach().flatten() for p in mod.parameters()]))
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(batch):
+    """frozen_weights_dtype: the bf16 copy autocast makes of a frozen weight, stored: the same math."""
+    from tunelab.methods.base import LowPrecisionFrozenWeights
+
+    model = tiny("lora")
+    plain = module(model, frozen_weights_dtype=None)
+    fast = module(copy.deepcopy(model), frozen_weights_dtype="auto")
+    lowered = LowPrecisionFrozenWeights(fast.model, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in fast.model.named_parameters()}
+    assert {dtypes[n] for n in dtypes if "base_layer" in n} == {torch.bfloat16}
+    assert {dtypes[n] for n in dtypes if "lora_" in n or "norm" in n or "embed_tokens" in n} == {torch.float32}
+    # Under bf16 autocast the stored copy is exactly what autocast computes with.
+    assert_same(loss_and_grads(plain, batch, True), loss_and_grads(fast, batch, True), 1e-6, 1e-5)
+    # Outside autocast the layers still run (input cast to bf16, output back), within bf16 tolerance.
+    assert_same(loss_and_grads(plain, batch, False), loss_and_grads(fast, batch, False), 1e-2, 3e-2)
+    lowered.restore()
+    assert {p.dtype for p in fast.parameters()} == {torch.float32}
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in fast.model.modules())
+
+
+def test_frozen_weights_dtype_follows_the_precision():
+    from tunelab.errors import TunelabError
+    from tunelab.methods.base import frozen_weights_dtype_for
+
+    assert frozen_weights_dtype_for("auto", "bf16-mixed") is torch.bfloat16
+    assert frozen_weights_dtype_for("auto", "32-true") is None
+    assert frozen_weights_dtype_for(None, "bf16-mixed") is None
+    with pytest.raises(TunelabError, match="bf16-mixed"):
+        frozen_weights_dtype_for("bfloat16", "32-true")
+
+
+def test_lightning_trains_in_training_mode_with_the_levers_on(batch, tmp_path):
+    """A from_pretrained model arrives in eval mode; Lightning keeps it so unless the module switches
+    it: then gradient checkpointing (which acts in training mode only) would silently do nothing."""
+    import pytorch_lightning as pl
+
+    model = tiny("lora").eval()
+    mod = module(model, gradient_checkpointing=True)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, b, i):
+            layer = pl_module.model.base_model.model.model.layers[0]
+            seen.append((layer.training, layer.gradient_checkpointing, layer.self_attn.q_proj.base_layer.weight.dtype))
+
+    steps = [{**batch, "step_tokens": (batch["labels"][:, 1:] != -100).sum().float()}] * 2
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False, callbacks=[Spy()],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(mod, train_dataloaders=torch.utils.data.DataLoader(steps, batch_size=None))
+    assert seen == [(True, True, torch.bfloat16)] * 2
+    assert {p.dtype for p in mod.parameters()} == {torch.float32}  # restored after fit

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 
 from tunelab.data.tokenize import IGNORE
+from tunelab.errors import TunelabError
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +54,68 @@ def supervised_loss_sum(backbone: torch.nn.Module, head: torch.nn.Module, batch:
     supervised = targets != IGNORE
     logits = head(hidden[:, :-1][supervised])
     return F.cross_entropy(logits.float(), targets[supervised], reduction="sum"), supervised.sum()
+
+
+def frozen_linear_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Linear layers whose weights never train and are used by nothing else (a tied embedding is kept)."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+            and not any(p.requires_grad or uses[id(p)] > 1 for p in m.parameters(recurse=False))]
+
+
+class LowPrecisionFrozenWeights:
+    """Frozen Linear weights held in `dtype` (bf16) instead of fp32 while training under bf16 autocast.
+
+    Autocast casts every fp32 weight to bf16 for each matmul (a fresh copy per step, kept alive for
+    backward); a frozen weight can be stored as that very copy: the same math, half the weight memory
+    and no per-step casts. Outside autocast the layer casts its input to the weight's dtype and its
+    output back, so nothing breaks. `restore()` returns the weights to their dtype (at bf16 precision).
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        self.layers = frozen_linear_layers(model)
+        self.dtypes = [m.weight.dtype for m in self.layers]
+        self.hooks = []
+        for layer in self.layers:
+            layer.to(dtype)
+            self.hooks.append(layer.register_forward_pre_hook(self._cast_input))
+            self.hooks.append(layer.register_forward_hook(self._cast_output))
+
+    @staticmethod
+    def _cast_input(layer, args):
+        x = args[0]
+        if torch.is_autocast_enabled(x.device.type) or x.dtype == layer.weight.dtype:
+            return None
+        layer._tunelab_input_dtype = x.dtype
+        return (x.to(layer.weight.dtype), *args[1:])
+
+    @staticmethod
+    def _cast_output(layer, args, output):
+        dtype = layer.__dict__.pop("_tunelab_input_dtype", None)
+        return output.to(dtype) if dtype is not None else None
+
+    def restore(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for layer, dtype in zip(self.layers, self.dtypes):
+            layer.to(dtype)
+        self.layers, self.hooks = [], []
+
+
+def frozen_weights_dtype_for(setting: str | None, precision: str) -> torch.dtype | None:
+    """The storage dtype of frozen weights: `auto` is bf16 exactly when training runs bf16 autocast."""
+    if setting in (None, "none", "float32", "fp32"):
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if str(precision) == "bf16-mixed" else None
+    if setting in ("bfloat16", "bf16"):
+        if str(precision) != "bf16-mixed":
+            raise TunelabError(f"method.module.frozen_weights_dtype={setting} needs trainer.precision=bf16-mixed "
+                               f"(got {precision}); use auto or null")
+        return torch.bfloat16
+    raise TunelabError(f"method.module.frozen_weights_dtype must be auto, bfloat16 or null, got {setting!r}")
 
 
 class LanguageModelModule(pl.LightningModule):
@@ -122,16 +185,35 @@ class CausalLMModule(LanguageModelModule):
 
     Speed knobs (method.module.*): head_on_supervised_only runs the LM head only where the loss
     looks (same loss, less compute and memory; models it cannot split fall back to the plain path);
-    gradient_checkpointing trades ~1/3 more compute for much less activation memory.
+    gradient_checkpointing trades ~1/3 more compute for much less activation memory;
+    frozen_weights_dtype (auto: bf16 under bf16-mixed) stores frozen Linear weights as the bf16
+    copies autocast would make each step (same math, half their memory, no per-step casts).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler: dict | None = None,
-                 head_on_supervised_only: bool = True, gradient_checkpointing: bool = False):
+                 head_on_supervised_only: bool = True, gradient_checkpointing: bool = False,
+                 frozen_weights_dtype: str | None = "auto"):
         super().__init__(model, optimizer, scheduler)
+        self.frozen_weights_dtype = frozen_weights_dtype
+        self.low_precision: LowPrecisionFrozenWeights | None = None
         self.split = backbone_and_head(model) if head_on_supervised_only else None
+        # from_pretrained returns the model in eval mode and Lightning keeps submodule modes as it
+        # finds them; training mode is what switches gradient checkpointing (and dropout) on.
+        model.train()
         if gradient_checkpointing:
             # Non-reentrant checkpointing needs no input grads, so it also works with a frozen embedding (LoRA).
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def setup(self, stage: str) -> None:
+        dtype = frozen_weights_dtype_for(self.frozen_weights_dtype, self.trainer.precision)
+        if stage == "fit" and dtype is not None and self.low_precision is None:
+            self.low_precision = LowPrecisionFrozenWeights(self.model, dtype)
+
+    def on_fit_end(self) -> None:
+        # Evaluation and export after training get the model back in its own dtype.
+        if self.low_precision is not None:
+            self.low_precision.restore()
+            self.low_precision = None
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.split is not None:
