@@ -48,6 +48,7 @@ def bad_data_cases(tmp_path):
         ([f"data.source={fields}"], ["question, answer", "data.fields"]),
         ([f"data.source={long_prompts}", "data.max_length=32"], ["max_length=32", "raise data.max_length"]),
         (["model=hf", f"model.name_or_path={tmp_path}/no_model"], ["no_model does not exist"]),
+        (["+model.run_dir=elsewhere"], ["model.run_dir is not an option", "'~model.run_dir'"]),
     ]
 
 

@@ -38,8 +38,23 @@ def user_error(err: BaseException) -> TunelabError | None:
         if isinstance(err, TunelabError):
             return err
         seen.add(id(err))
+        unknown = unknown_option(err)
+        if unknown:
+            return unknown
         err = err.__cause__ or err.__context__
     return None
+
+
+def unknown_option(err: BaseException) -> TunelabError | None:
+    """A config key the `_target_` does not take, e.g. a key an experiment set for another group choice."""
+    text = str(err)
+    arg = re.search(r"unexpected keyword argument '(\w+)'", text)
+    key = re.search(r"full_key: (\S+)", text)
+    if not (arg and key):
+        return None
+    option = f"{key.group(1)}.{arg.group(1)}"
+    return TunelabError(f"{option} is not an option of the chosen {key.group(1).split('.')[0]} config; "
+                        f"remove it with '~{option}' (an experiment or an earlier override set it)")
 
 
 def one_line(err: BaseException) -> str:
