@@ -174,3 +174,35 @@ def test_lightning_trains_in_training_mode_with_the_levers_on(batch, tmp_path):
     trainer.fit(mod, train_dataloaders=torch.utils.data.DataLoader(steps, batch_size=None))
     assert seen == [(True, True, torch.bfloat16)] * 2
     assert {p.dtype for p in mod.parameters()} == {torch.float32}  # restored after fit
+
+
+def saved_bytes(mod: CausalLMModule, batch: dict) -> int:
+    """Bytes autograd keeps for backward in one bf16 forward of the decoder stack (each storage once)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        backbone_and_head(mod.model)[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_casting_block_inputs_once_gives_the_same_loss_and_gradients(batch, adapter):
+    from tunelab.methods.base import CastInputsOnce
+
+    model = tiny(adapter)
+    plain = module(model, cast_inputs_once=False)
+    fast = module(copy.deepcopy(model))
+    before = saved_bytes(fast, batch)
+    once = CastInputsOnce(fast.model)
+    assert len(once.hooks) == 2 * 2  # attention and MLP of both layers
+    # Same forward values (one cast instead of several identical ones); gradients summed in bf16.
+    assert_same(loss_and_grads(plain, batch, True), loss_and_grads(fast, batch, True), 1e-6, 3e-2)
+    assert saved_bytes(fast, batch) < 0.95 * before  # fewer copies kept for backward
+    # Outside autocast nothing changes.
+    assert_same(loss_and_grads(plain, batch, False), loss_and_grads(fast, batch, False), 1e-6, 1e-5)
+    once.restore()
+    assert saved_bytes(fast, batch) == before

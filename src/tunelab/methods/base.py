@@ -104,6 +104,44 @@ class LowPrecisionFrozenWeights:
         self.layers, self.hooks = [], []
 
 
+class CastInputsOnce:
+    """Under autocast, each attention and MLP block gets its input cast to the autocast dtype once.
+
+    Plain autocast casts the (fp32) normalised hidden state separately for every projection that
+    reads it (q, k, v; gate, up; and again for each LoRA A), and PEFT casts bf16 inputs up to its
+    fp32 LoRA weights first; every copy is kept for backward. One cast feeds them all: the same
+    forward values, less memory and copying (gradients summed in bf16: bf16 tolerance).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        from peft.tuners.lora import LoraLayer
+
+        self.hooks = [m.register_forward_pre_hook(self._cast, with_kwargs=True) for name, m in model.named_modules()
+                      if name.rsplit(".", 1)[-1] in ("self_attn", "mlp")]
+        self.lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        for layer in self.lora:
+            layer.cast_input_dtype_enabled = False  # autocast casts for LoRA A itself
+
+    @staticmethod
+    def _cast(block, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+            return None
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.dtype == dtype or not x.is_floating_point():
+            return None
+        if args:
+            return (x.to(dtype), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x.to(dtype)}
+
+    def restore(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for layer in self.lora:
+            layer.cast_input_dtype_enabled = True
+        self.hooks, self.lora = [], []
+
+
 def frozen_weights_dtype_for(setting: str | None, precision: str) -> torch.dtype | None:
     """The storage dtype of frozen weights: `auto` is bf16 exactly when training runs bf16 autocast."""
     if setting in (None, "none", "float32", "fp32"):
@@ -188,14 +226,18 @@ class CausalLMModule(LanguageModelModule):
     gradient_checkpointing trades ~1/3 more compute for much less activation memory;
     frozen_weights_dtype (auto: bf16 under bf16-mixed) stores frozen Linear weights as the bf16
     copies autocast would make each step (same math, half their memory, no per-step casts).
+    cast_inputs_once casts each attention/MLP block's input once under autocast instead of once per
+    projection (same forward values, less activation memory and copying).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler: dict | None = None,
                  head_on_supervised_only: bool = True, gradient_checkpointing: bool = False,
-                 frozen_weights_dtype: str | None = "auto"):
+                 frozen_weights_dtype: str | None = "auto", cast_inputs_once: bool = True):
         super().__init__(model, optimizer, scheduler)
         self.frozen_weights_dtype = frozen_weights_dtype
+        self.cast_inputs_once = cast_inputs_once
         self.low_precision: LowPrecisionFrozenWeights | None = None
+        self.cast_once: CastInputsOnce | None = None
         self.split = backbone_and_head(model) if head_on_supervised_only else None
         # from_pretrained returns the model in eval mode and Lightning keeps submodule modes as it
         # finds them; training mode is what switches gradient checkpointing (and dropout) on.
@@ -208,12 +250,17 @@ class CausalLMModule(LanguageModelModule):
         dtype = frozen_weights_dtype_for(self.frozen_weights_dtype, self.trainer.precision)
         if stage == "fit" and dtype is not None and self.low_precision is None:
             self.low_precision = LowPrecisionFrozenWeights(self.model, dtype)
+        if stage == "fit" and self.cast_inputs_once and self.cast_once is None:
+            self.cast_once = CastInputsOnce(self.model)
 
     def on_fit_end(self) -> None:
-        # Evaluation and export after training get the model back in its own dtype.
+        # Evaluation and export after training get the model back as it came.
         if self.low_precision is not None:
             self.low_precision.restore()
             self.low_precision = None
+        if self.cast_once is not None:
+            self.cast_once.restore()
+            self.cast_once = None
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.split is not None:
