@@ -29,7 +29,7 @@ def plot(run_dir: Path, out: Path) -> Path | None:
         series = frame[["step", column]].dropna()
         ax.plot(series["step"], series[column], marker=".")
         ax.set_title(column, fontsize=9)
-        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.set_xlabel("rollout" if kind == "ppo" else "optimizer step", fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name, fontsize=10)
     fig.tight_layout()
