@@ -115,7 +115,8 @@ def main() -> None:
                           default_root_dir=spec["work"], _convert_="all")
     trainer.fit(module, datamodule=datamodule)
     sampler.stop = True
-    print(f"VmHWM (whole process) {status('VmHWM'):.0f} MB; torch {torch.__version__}")
+    print(f"VmHWM (whole process) {status('VmHWM'):.0f} MB; now RssAnon {status('RssAnon'):.0f} MB, "
+          f"RssFile {status('RssFile'):.0f} MB (file-backed: libraries and memory-mapped weights)")
 
 
 if __name__ == "__main__":

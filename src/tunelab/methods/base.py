@@ -82,6 +82,14 @@ class LowPrecisionFrozenWeights:
             layer.to(dtype)
             self.hooks.append(layer.register_forward_pre_hook(self._cast_input))
             self.hooks.append(layer.register_forward_hook(self._cast_output))
+        if self.layers:
+            # from_pretrained's weights are views of the checkpoint's memory map, whose pages stay
+            # resident while any view lives: the other frozen weights (embedding, norms) are copied
+            # out of it too, so the map and its fp32 pages go.
+            lowered = {id(p) for layer in self.layers for p in layer.parameters(recurse=False)}
+            for p in model.parameters():
+                if id(p) not in lowered and not p.requires_grad:
+                    p.data = p.data.clone()
 
     @staticmethod
     def _cast_input(layer, args):
