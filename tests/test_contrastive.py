@@ -286,8 +286,8 @@ def test_two_ranks_gathering_negatives_train_as_one_process_at_the_global_batch(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fork: the workers start with everything imported (seconds saved); they touch no thread pool or GPU
-    mp.start_processes(gathered_worker, args=(2, port, rows, str(tmp_path / "rank")), nprocs=2, start_method="fork")
+    # spawn, not fork: a fork of a process that has trained (thread pools, locks held by other threads) can hang
+    mp.spawn(gathered_worker, args=(2, port, rows, str(tmp_path / "rank")), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(2)]
 
     whole = {k: v.clone().requires_grad_(True) for k, v in rows.items()}

@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from tests.helpers import read_metrics, run_train, write_jsonl
+from tests.helpers import make_cfg, read_metrics, run_train, write_jsonl
 from tunelab.data.preference import PreferenceDataModule
 from tunelab.errors import TunelabError
 from tunelab.methods.dpo import LN2, DPOEvaluator, DPOModule, dpo_loss, preference_accuracy
@@ -66,6 +66,30 @@ def test_bad_options_are_refused(tiny, options, message):
     model, _ = tiny
     with pytest.raises(TunelabError, match=message):
         DPOModule(model, optimizer=None, **options)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "Capital of Peru?", "chosen": "  ", "rejected": "Quito."}, "record 0 has an empty chosen text"),
+    ({"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": [{"role": "assistant", "content": ""}]},
+     "record 0 has an empty rejected text"),
+    ({"prompt": " ", "chosen": "Lima.", "rejected": "Quito."}, "record 0 has an empty prompt text"),
+])
+def test_pairs_with_empty_text_are_refused(record, message):
+    from tunelab.data.preference import normalize_pairs
+
+    with pytest.raises(TunelabError, match=message):
+        normalize_pairs([record])
+
+
+def test_a_missing_reference_run_is_one_clear_error(tmp_path):
+    from tunelab.cli.common import user_error
+
+    run = tmp_path / "run"
+    with pytest.raises(Exception) as raised:
+        run_train(run, "method=dpo", f"method.module.reference_model={tmp_path / 'no_such_run'}")
+    error = str(user_error(raised.value))  # what the CLI prints after `error: `
+    assert "no_such_run holds no model" in error and "\n" not in error
+    assert not (run / "metrics.json").exists()
 
 
 # ---------------------------------------------------------------- on a tiny model
@@ -160,3 +184,68 @@ def test_dpo_run_end_to_end(tmp_path):
     assert metrics["base"]["test/accuracy"] == 0.5
     assert {"test/loss", "test/accuracy", "test/margin", "test/logp_accuracy"} <= set(metrics["tuned"])
     assert (run / "final" / "adapter_config.json").is_file()
+
+
+def test_dpo_starts_from_an_sft_run_dir_which_is_also_its_reference(tmp_path, one_thread):
+    """model=run model.run_dir=SFT: the SFT LoRA is merged into the start point, a fresh LoRA trains on top,
+    and the adapter-disabled reference is the SFT model, so the step-zero loss is ln 2 and the starting
+    log-probs are the SFT model's, not the raw base model's."""
+    sft = tmp_path / "sft"
+    run_train(sft, "method=sft", "adapter=lora", "optimizer.lr=1e-2", "trainer.max_steps=6", "eval.metrics={}",
+              "eval.compare_base=false")
+    small = ["data.max_train_examples=16", "data.val_size=8", "data.test_size=8", "trainer.max_steps=3",
+             "method.evaluator.precision=null"]
+    from_sft = tmp_path / "dpo_sft"
+    run_train(from_sft, "method=dpo", "model=run", f"model.run_dir={sft}", *small)
+    start = read_metrics(from_sft)["base"]
+    assert start["test/loss"] == pytest.approx(LN2, abs=1e-4) and start["test/accuracy"] == 0.5
+    raw = raw_model_metrics(make_cfg(tmp_path / "raw", "method=dpo", *small))  # the same test pairs
+    assert start["test/logps_chosen"] > raw["test/logps_chosen"] + 1.0  # SFT made the facts answers likelier
+    assert (from_sft / "final" / "adapter_config.json").is_file()
+    assert read_metrics(from_sft)["tuned"]["test/loss"] < LN2
+
+
+def raw_model_metrics(cfg) -> dict:
+    """DPO metrics of the untrained tiny model on the test split a run with this config uses."""
+    from hydra.utils import instantiate
+
+    model, tokenizer = instantiate(cfg.model)
+    data = instantiate(cfg.data, tokenizer=tokenizer, tokenization=instantiate(cfg.method.tokenization))
+    data.setup("fit")
+    return DPOEvaluator(split="test", precision=None).run(policy(model, "lora"), data)[0]
+
+
+def test_halves_of_a_batch_give_the_whole_batch_loss(tiny, pairs_data):
+    """What DDP at the same global batch relies on: the mean DPO loss of two half batches (each padded to its
+    own width) is the loss of the whole batch, so 2 ranks at batch B average to 1 process at 2B."""
+    module = DPOModule(policy(tiny[0], "full"), optimizer(1e-3))
+    with torch.no_grad():
+        module.model.lm_head.weight.add_(0.01 * torch.randn_like(module.model.lm_head.weight))  # policy != reference
+    rows = pairs_data.datasets["train"].rows
+    whole, _ = module.step_stats(pairs_data.collator(rows))
+    halves = [module.step_stats(pairs_data.collator(rows[i::2]))[0] for i in range(2)]
+    assert whole.item() != pytest.approx(LN2, abs=1e-4)
+    assert (halves[0] + halves[1]).item() / 2 == pytest.approx(whole.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_dpo_on_two_ddp_processes_matches_one_process_at_the_global_batch(tmp_path):
+    import subprocess
+    import sys
+
+    same = ["method=dpo", "adapter=full", "trainer.precision=32-true", "optimizer.lr=1e-3", "scheduler.name=constant",
+            "data.max_train_examples=16", "data.val_size=8", "data.test_size=8", "trainer.max_steps=-1",
+            "trainer.max_epochs=1", "method.evaluator.precision=null"]
+    ddp_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "tunelab.cli.train", "debug=fast", "trainer.enable_progress_bar=false", "trainer=ddp",
+           "data.batch_size=2", f"hydra.run.dir={ddp_dir}", *same]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stderr + result.stdout
+    single_dir = tmp_path / "single"
+    run_train(single_dir, "data.batch_size=4", *same)
+    ddp, single = read_metrics(ddp_dir), read_metrics(single_dir)
+    assert ddp["train"]["global_step"] == single["train"]["global_step"] == 4  # 16 pairs / global batch 4
+    assert ddp["tuned"]["test/loss"] != pytest.approx(LN2, abs=1e-3)
+    assert ddp["tuned"]["test/loss"] == pytest.approx(single["tuned"]["test/loss"], rel=1e-4)
+    assert ddp["train"]["val/loss"] == pytest.approx(single["train"]["val/loss"], rel=1e-4)

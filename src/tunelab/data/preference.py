@@ -78,6 +78,10 @@ def to_pair(record: dict, index: int, system_prompt: str | None = None) -> Prefe
             f"preference record {index} has identical chosen and rejected responses ({chosen[-1]['content'][:60]!r}); "
             "such a pair teaches nothing: remove it from the data"
         )
+    for name, turns in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if not turns[-1]["content"].strip():
+            raise TunelabError(f"preference record {index} has an empty {name} text; remove it or fix the data "
+                               f"(record: {str(record)[:120]})")
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1]["role"] != "assistant":
             raise TunelabError(f"preference record {index}: the last {name} message must be an assistant turn")
