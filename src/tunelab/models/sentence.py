@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.models.loading import first_line
 
 
 def is_sentence_transformer(model) -> bool:
@@ -112,8 +113,3 @@ def save_sentence_transformer(model, folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
