@@ -97,7 +97,7 @@ def test_overfitting_eight_pairs_lowers_the_loss(tokenizer, pairs_data, adapter,
     model = apply_adapter(build_tiny_llama()[0], spec)
     evaluator = RetrievalEvaluator(split="train", precision=None, pooling=pooling, temperature=0.1)
     before, _ = evaluator.run(model, pairs_data)
-    module = ContrastiveModule(model, partial(torch.optim.AdamW, lr=1e-2 if adapter == "lora" else 3e-3),
+    module = ContrastiveModule(model, partial(torch.optim.AdamW, lr=3e-3),
                                {"name": "constant"}, temperature=0.1, pooling=pooling)
     trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
