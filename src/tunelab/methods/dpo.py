@@ -5,7 +5,8 @@ policy is a fresh LoRA adapter (no second copy in memory), a frozen copy of the 
 full fine-tuning, or a finished run given by `reference_model`. Log-probs are summed over the
 completion tokens only (the `labels` of `PairTokenizer`, which also marks the end-of-turn token).
 With `precompute_ref_logps` the reference scores every train/val pair once before the first step
-and is then dropped, so training holds one model.
+and is then dropped, so training holds one model. `rpo_alpha` (TRL's name) adds the RPO term (Pang et al.
+2024): alpha times the per-token NLL of the chosen answers, which keeps their likelihood from falling.
 """
 
 from __future__ import annotations
@@ -83,6 +84,16 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return DPOOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
 
 
+def check_rpo_alpha(rpo_alpha: float | None) -> None:
+    if rpo_alpha is not None and not rpo_alpha >= 0:
+        raise TunelabError(f"method.module.rpo_alpha={rpo_alpha} must be >= 0 or null (1.0 is the RPO paper's value)")
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of the chosen answers over the batch (TRL's RPO `nll_loss`)."""
+    return -chosen_logps.float().sum() / chosen_tokens.sum().clamp(min=1)
+
+
 def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Share of pairs ranked right; a tie counts one half (a coin flip), so policy == reference gives 0.5."""
     return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
@@ -150,12 +161,16 @@ def disable_dropout(model) -> None:
 class DPOModule(LanguageModelModule):
     """DPO on (prompt, chosen, rejected); logs loss, reward accuracy, chosen/rejected rewards, margin, logps."""
 
-    STATS = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected")
+    STATS = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected",
+             "nll_chosen")
 
     def __init__(self, model, optimizer, scheduler=None, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, precompute_ref_logps: bool = False, reference_model: str | None = None):
+                 label_smoothing: float = 0.0, precompute_ref_logps: bool = False, reference_model: str | None = None,
+                 rpo_alpha: float | None = None):
         super().__init__(model, optimizer, scheduler)
         check_loss_options(beta, loss_type, label_smoothing)
+        check_rpo_alpha(rpo_alpha)
+        self.rpo_alpha = rpo_alpha
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.precompute_ref_logps = precompute_ref_logps
         disable_dropout(model)
@@ -211,7 +226,10 @@ class DPOModule(LanguageModelModule):
                  "margin": (out.chosen_rewards - out.rejected_rewards).mean(),
                  "reward_chosen": out.chosen_rewards.mean(), "reward_rejected": out.rejected_rewards.mean(),
                  "logps_chosen": chosen.detach().mean(), "logps_rejected": rejected.detach().mean()}
-        return out.losses.mean(), stats
+        nll = chosen_nll(chosen, chosen_tokens)
+        stats["nll_chosen"] = nll.detach()
+        loss = out.losses.mean()
+        return (loss + self.rpo_alpha * nll if self.rpo_alpha else loss), stats
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, stats = self.step_stats(batch)
