@@ -43,6 +43,23 @@ def run_train(run_dir: Path, *overrides: str) -> dict:
     return train(make_cfg(run_dir, *overrides))
 
 
+def run_ddp(run_dir: Path, *overrides: str, timeout: int = 900) -> dict:
+    """Run the CLI with trainer=ddp (2 CPU processes) into run_dir; its metrics.json once both ranks ran.
+
+    A subprocess, since DDP launches its second rank by re-running the command line. PYTHONPATH holds the
+    repo root, so a config may point at test code (e.g. a reward function in tests/)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tunelab.cli.train", *FAST, "trainer=ddp", *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=run_dir.parent, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stderr + result.stdout  # Lightning's line for the second process
+    return read_metrics(run_dir)
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import read_metrics, run_train, write_jsonl
+from tests.helpers import read_metrics, run_ddp, run_train, write_jsonl
 from tunelab.data.pairs import PairsDataModule, TextPair, TextPairTokenizer, normalize_text_pairs
 from tunelab.errors import TunelabError
 from tunelab.methods.contrastive import ContrastiveModule, RetrievalEvaluator, info_nce
@@ -304,22 +304,13 @@ def test_two_ranks_gathering_negatives_train_as_one_process_at_the_global_batch(
 
 @pytest.mark.slow
 def test_contrastive_on_two_ddp_processes_matches_one_process_at_the_global_batch(tmp_path):
-    import subprocess
-    import sys
-
     same = ["method=contrastive", "model=tiny_sentence_transformer", "model.dropout=0.0", "adapter=full",
             "trainer.precision=32-true", "optimizer.lr=1e-3", "scheduler.name=constant", "data.max_length=24",
             "data.max_train_examples=32", "data.val_size=8", "data.test_size=16", "trainer.max_steps=-1",
             "trainer.max_epochs=1", "trainer.limit_val_batches=null"]
-    ddp_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "tunelab.cli.train", "debug=fast", "trainer.enable_progress_bar=false", "trainer=ddp",
-           "data.batch_size=4", f"hydra.run.dir={ddp_dir}", *same]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MEMBER: 2/2" in result.stderr + result.stdout
-    single_dir = tmp_path / "single"
-    run_train(single_dir, "data.batch_size=8", *same)
-    ddp, single = read_metrics(ddp_dir), read_metrics(single_dir)
+    ddp = run_ddp(tmp_path / "ddp", "data.batch_size=4", *same)
+    run_train(tmp_path / "single", "data.batch_size=8", *same)
+    single = read_metrics(tmp_path / "single")
     assert ddp["train"]["global_step"] == single["train"]["global_step"] == 4  # 32 pairs / global batch 8
     assert ddp["base"]["test/loss"] == pytest.approx(single["base"]["test/loss"], rel=1e-5)
     # negatives gathered across ranks: the same updates, so the same tuned model and validation loss

@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from tests.helpers import make_cfg, read_metrics, run_train, write_jsonl
+from tests.helpers import make_cfg, read_metrics, run_ddp, run_train, write_jsonl
 from tunelab.data.preference import PreferenceDataModule
 from tunelab.errors import TunelabError
 from tunelab.methods.dpo import LN2, DPOEvaluator, DPOModule, dpo_loss, preference_accuracy
@@ -263,21 +263,12 @@ def test_halves_of_a_batch_give_the_whole_batch_loss(tiny, pairs_data):
 
 @pytest.mark.slow
 def test_dpo_on_two_ddp_processes_matches_one_process_at_the_global_batch(tmp_path):
-    import subprocess
-    import sys
-
     same = ["method=dpo", "adapter=full", "trainer.precision=32-true", "optimizer.lr=1e-3", "scheduler.name=constant",
             "data.max_train_examples=16", "data.val_size=8", "data.test_size=8", "trainer.max_steps=-1",
             "trainer.max_epochs=1", "method.evaluator.precision=null"]
-    ddp_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "tunelab.cli.train", "debug=fast", "trainer.enable_progress_bar=false", "trainer=ddp",
-           "data.batch_size=2", f"hydra.run.dir={ddp_dir}", *same]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MEMBER: 2/2" in result.stderr + result.stdout
-    single_dir = tmp_path / "single"
-    run_train(single_dir, "data.batch_size=4", *same)
-    ddp, single = read_metrics(ddp_dir), read_metrics(single_dir)
+    ddp = run_ddp(tmp_path / "ddp", "data.batch_size=2", *same)
+    run_train(tmp_path / "single", "data.batch_size=4", *same)
+    single = read_metrics(tmp_path / "single")
     assert ddp["train"]["global_step"] == single["train"]["global_step"] == 4  # 16 pairs / global batch 4
     assert ddp["tuned"]["test/loss"] != pytest.approx(LN2, abs=1e-3)
     assert ddp["tuned"]["test/loss"] == pytest.approx(single["tuned"]["test/loss"], rel=1e-4)

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.helpers import make_cfg, read_metrics, run_train
+from tests.helpers import make_cfg, read_metrics, run_ddp, run_train
 from tunelab.errors import TunelabError
 from tunelab.methods.ppo import (AdaptiveKL, gae, kl_per_token, masked_whiten, policy_loss, response_mask,
                                  to_left_padding, token_rewards, value_loss)
@@ -227,20 +227,7 @@ def test_a_reward_run_dir_that_is_not_a_reward_model_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_runs_on_two_ddp_processes(tmp_path):
-    import subprocess
-    import sys
-
-    run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "tunelab.cli.train", "debug=fast", "trainer.enable_progress_bar=false", "trainer=ddp",
-           *PPO_FAST, "adapter=lora", f"hydra.run.dir={run_dir}"]
-    import os
-    from pathlib import Path
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # the reward lives in tests/
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "MEMBER: 2/2" in result.stderr + result.stdout
-    assert "test/reward" in read_metrics(run_dir)["tuned"]
+    assert "test/reward" in run_ddp(tmp_path / "ddp", *PPO_FAST, "adapter=lora")["tuned"]  # the reward lives in tests/
 
 
 def test_a_resumed_run_continues_the_adaptive_kl_coefficient(tmp_path):

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+SMOOTH = 8  # rollouts in the running mean drawn over PPO curves
+
 PANELS = {
     "reward": ["train/loss", "train/accuracy", "val/accuracy", "val/margin"],
     "ppo": ["ppo/score", "ppo/monitor_rougeL", "ppo/monitor_exact", "ppo/kl", "ppo/entropy",
@@ -27,7 +29,11 @@ def plot(run_dir: Path, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 2.8))
     for ax, column in zip(list(axes) if len(columns) > 1 else [axes], columns):
         series = frame[["step", column]].dropna()
-        ax.plot(series["step"], series[column], marker=".")
+        ax.plot(series["step"], series[column], marker=".", alpha=0.5 if kind == "ppo" else 1.0)
+        if kind == "ppo" and len(series) >= 2 * SMOOTH:
+            # one rollout is 16 prompts, so a 0-1 score moves by 1/16 per answer: the mean shows the trend
+            smooth = series[column].rolling(SMOOTH, min_periods=SMOOTH).mean()
+            ax.plot(series["step"], smooth, color="black", linewidth=1.2, label=f"mean of {SMOOTH}")
         ax.set_title(column, fontsize=9)
         ax.set_xlabel("rollout" if kind == "ppo" else "optimizer step", fontsize=8)
         ax.grid(alpha=0.3)
