@@ -138,3 +138,32 @@ def test_missing_file_and_chat_template_checks(tmp_path, tokenizer):
         load_splits(str(tmp_path / "nope.jsonl"))
     with pytest.raises(TunelabError, match="must contain"):
         PromptFormatter(tokenizer, "no placeholder")
+
+
+def test_data_filter_keeps_records_whose_fields_match_in_every_split(tmp_path, tokenizer):
+    from tunelab.data.preference import PreferenceDataModule
+    from tunelab.data.sources import keep_matching
+
+    chat = {"messages": [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]}
+    assert keep_matching({"train": [chat, {"messages": []}]}, {"messages": "Peru"})["train"] == [chat]
+    rows = [{"prompt": f"Capital of country {i}?" if i % 2 else f"Write {i} in words.", "chosen": "A.",
+             "rejected": "B."} for i in range(40)]
+    data = PreferenceDataModule(tokenizer, source=str(write_jsonl(tmp_path / "p.jsonl", rows)), val_size=4,
+                                test_size=4, max_length=64, cache=False, filter={"prompt": "^Capital"})
+    data.setup("fit")
+    kept = [p.prompt[-1]["content"] for split in ("train", "val", "test") for p in data.examples[split]]
+    assert len(kept) == 20 and all(text.startswith("Capital") for text in kept)
+    assert len(data.examples["test"]) == 4
+
+
+@pytest.mark.parametrize("patterns, message", [
+    ({"question": "x"}, "names field\\(s\\) question that the records do not have; they have prompt, chosen"),
+    ({"prompt": "("}, "data.filter.prompt='\\(' is not a valid regular expression"),
+    ({"prompt": "^Nothing"}, "keeps no training record of 2; loosen the patterns"),
+])
+def test_a_bad_data_filter_is_one_clear_error(patterns, message):
+    from tunelab.data.sources import keep_matching
+
+    records = {"train": [{"prompt": "Capital of Peru?", "chosen": "Lima."}, {"prompt": "Write 3.", "chosen": "3"}]}
+    with pytest.raises(TunelabError, match=message):
+        keep_matching(records, patterns)

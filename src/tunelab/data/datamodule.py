@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from tunelab.data.batching import Collator, ResumableDataLoader, StepBatchSampler, TokenizedDataset
 from tunelab.data.cache import TokenCache, data_fingerprints
 from tunelab.data.formats import Conversation, normalize
-from tunelab.data.sources import load_splits, split_records
+from tunelab.data.sources import keep_matching, load_splits, split_records
 from tunelab.data.templates import PromptFormatter
 from tunelab.data.tokenize import SupervisedTokenizer
 from tunelab.errors import TunelabError
@@ -34,6 +34,7 @@ class DataModule(pl.LightningDataModule):
         test_size: float = 0.1,
         split_seed: int = 0,
         max_train_examples: int | None = None,
+        filter: dict | None = None,  # noqa: A002 (the config key users write: data.filter.prompt=REGEX)
         batch_size: int = 8,
         eval_batch_size: int = 16,
         group_by_length: bool = True,
@@ -53,6 +54,7 @@ class DataModule(pl.LightningDataModule):
         self.max_length = max_length
         self.val_size, self.test_size, self.split_seed = val_size, test_size, split_seed
         self.max_train_examples = max_train_examples
+        self.filter = dict(filter or {})
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.group_by_length = group_by_length
         self.num_workers, self.seed = num_workers, seed
@@ -68,10 +70,7 @@ class DataModule(pl.LightningDataModule):
             return
         if self.max_length < 2:
             raise TunelabError(f"data.max_length={self.max_length} is too small; use at least a few dozen tokens")
-        raw = load_splits(self.source, self.subset)
-        splits = split_records(raw, self.val_size, self.test_size, self.split_seed)
-        if self.max_train_examples:
-            splits["train"] = splits["train"][: self.max_train_examples]
+        splits = self.record_splits()
         self.fingerprints = data_fingerprints(self, splits)  # for the cache key and the run's manifest
         cache = TokenCache(self.fingerprints["cache_key"]) if self.cache else None
         cached = cache.load() if cache else None
@@ -98,6 +97,14 @@ class DataModule(pl.LightningDataModule):
         if not self.datasets["train"].rows:
             raise TunelabError(f"the training split of {self.source} is empty; check the data and its filters")
         log.info("data: %s", ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
+
+    def record_splits(self) -> dict[str, list[dict]]:
+        """The raw records of train/val/test: loaded, filtered by data.filter, split, train capped."""
+        splits = keep_matching(load_splits(self.source, self.subset), self.filter)
+        splits = split_records(splits, self.val_size, self.test_size, self.split_seed)
+        if self.max_train_examples:
+            splits["train"] = splits["train"][: self.max_train_examples]
+        return splits
 
     def loader(self, split: str, train: bool, shard: bool = True) -> ResumableDataLoader:
         dataset = self.datasets[split]

@@ -121,13 +121,9 @@ class PairsDataModule(DataModule):
         self.collator = PaddingCollator(self.tokenizer.pad_token_id)
 
     def setup(self, stage: str | None = None) -> None:
-        from tunelab.data.sources import load_splits, split_records
-
         if self.datasets:
             return
-        splits = split_records(load_splits(self.source, self.subset), self.val_size, self.test_size, self.split_seed)
-        if self.max_train_examples:
-            splits["train"] = splits["train"][: self.max_train_examples]
+        splits = self.record_splits()
         for name, records in splits.items():
             self.examples[name] = normalize_text_pairs(records, self.fields)
             rows, report = self.tokenization(self.examples[name], self.formatter, self.max_length)

@@ -199,14 +199,9 @@ class PreferenceDataModule(DataModule):
         self.collator = PaddingCollator(self.tokenizer.pad_token_id, padding_side)
 
     def setup(self, stage: str | None = None) -> None:
-        from tunelab.data.sources import load_splits, split_records
-
         if self.datasets:
             return
-        raw = load_splits(self.source, self.subset)
-        splits = split_records(raw, self.val_size, self.test_size, self.split_seed)
-        if self.max_train_examples:
-            splits["train"] = splits["train"][: self.max_train_examples]
+        splits = self.record_splits()
         for name, records in splits.items():
             self.examples[name] = normalize_pairs(records, self.fields, self.system_prompt)
             rows, report = self.tokenization(self.examples[name], self.formatter, self.max_length)

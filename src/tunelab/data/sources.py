@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 from tunelab.errors import TunelabError
@@ -117,6 +118,37 @@ def read_hub_dataset(name: str, subset: str | None) -> dict[str, Records]:
     if "train" not in splits:
         raise TunelabError(f"dataset '{name}' has no train split (splits: {', '.join(loaded)})")
     return splits
+
+
+def field_text(value) -> str:
+    """A record field as text: a string as is, chat turns as their contents joined by newlines."""
+    if isinstance(value, list):
+        return "\n".join(str(turn.get("content", "")) if isinstance(turn, dict) else str(turn) for turn in value)
+    return "" if value is None else str(value)
+
+
+def keep_matching(splits: dict[str, Records], patterns: dict[str, str] | None) -> dict[str, Records]:
+    """Only the records whose every named field matches its regular expression (re.search), in every split:
+    `data.filter={prompt: 'capital|opposite'}` keeps the records whose prompt names a capital or an opposite."""
+    if not patterns:
+        return splits
+    compiled = {}
+    for field, pattern in patterns.items():
+        try:
+            compiled[field] = re.compile(str(pattern))
+        except re.error as err:
+            raise TunelabError(f"data.filter.{field}={pattern!r} is not a valid regular expression ({err})") from None
+    first = next((records[0] for records in splits.values() if records), {})
+    missing = [field for field in compiled if field not in first]
+    if missing:
+        raise TunelabError(f"data.filter names field(s) {', '.join(missing)} that the records do not have; "
+                           f"they have {', '.join(first) or 'no fields'}")
+    kept = {name: [r for r in records if all(rx.search(field_text(r.get(f))) for f, rx in compiled.items())]
+            for name, records in splits.items()}
+    if not kept.get("train"):
+        total = sum(len(records) for records in splits.values())
+        raise TunelabError(f"data.filter={dict(patterns)} keeps no training record of {total}; loosen the patterns")
+    return kept
 
 
 def split_records(splits: dict[str, Records], val_size: float, test_size: float, seed: int) -> dict[str, Records]:
