@@ -32,6 +32,15 @@ def test_peft_option_names_pass_through(tmp_path):
     assert set(listed.target_modules) == {"q_proj", "v_proj"}
 
 
+@pytest.mark.parametrize("data", ["facts", "facts_preferences"])
+def test_data_dict_options_take_the_documented_override_form(tmp_path, data):
+    """`data.fields={...}` and `data.filter={...}` as the README writes them (no `+` needed)."""
+    cfg = make_cfg(tmp_path, f"data={data}", "data.fields={prompt:question,completion:answer}",
+                   "data.filter={prompt:'capital|symbol'}")
+    assert dict(cfg.data.fields) == {"prompt": "question", "completion": "answer"}
+    assert dict(cfg.data.filter) == {"prompt": "capital|symbol"}
+
+
 def test_adapter_sets_its_own_default_learning_rate(tmp_path):
     assert make_cfg(tmp_path, "adapter=full").optimizer.lr < make_cfg(tmp_path, "adapter=lora").optimizer.lr
     assert make_cfg(tmp_path, "adapter=full", "optimizer.lr=0.123").optimizer.lr == 0.123
