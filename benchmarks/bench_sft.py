@@ -34,7 +34,9 @@ LORA_RUNNERS = {
     "trl-defaults": [],
     "trl-best": [],
 }
-FULL_RUNNERS = {"tunelab": [], "trl-defaults": [], "trl-best": []}
+# TRL's defaults checkpoint activations; tunelab+ckpt is tunelab at that same setting.
+FULL_RUNNERS = {"tunelab": [], "tunelab+ckpt": ["method.module.gradient_checkpointing=true"], "trl-defaults": [],
+                "trl-best": []}
 
 
 def parse() -> argparse.Namespace:
