@@ -34,7 +34,7 @@ class DataModule(pl.LightningDataModule):
         test_size: float = 0.1,
         split_seed: int = 0,
         max_train_examples: int | None = None,
-        filter: dict | None = None,  # noqa: A002 (the config key users write: data.filter.prompt=REGEX)
+        filter: dict | None = None,  # noqa: A002 (the config key users write: data.filter={prompt: REGEX})
         batch_size: int = 8,
         eval_batch_size: int = 16,
         group_by_length: bool = True,
