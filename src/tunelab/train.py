@@ -18,7 +18,7 @@ from tunelab import rundir
 from tunelab.data.batching import TrackDataProgress
 from tunelab.eval.evaluator import baseline_results, eval_callbacks, evaluate
 from tunelab.eval.report import comparison, print_comparison, write_reports
-from tunelab.hardware import check_trainer
+from tunelab.hardware import check_trainer, resolve_trainer
 from tunelab.loggers import finish_loggers, remember_wandb_id
 from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
 from tunelab.models.export import save_base, save_final, save_merged
@@ -63,6 +63,7 @@ def peak_memory_mb() -> float:
 
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
+    resolve_trainer(cfg)  # `auto` accelerator/precision become concrete values before anything is saved
     check_trainer(cfg.trainer)
     ckpt_path = rundir.resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     rundir.guard(run_dir, cfg.overwrite, resuming=ckpt_path is not None)

@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--precision", default="bf16", help="bf16 or 32")
+    parser.add_argument("--precision", default="auto", help="auto (what training would use on this machine), bf16-mixed or 32-true")
     parser.add_argument("--no-stream", action="store_true", help="print each reply whole")
     parser.add_argument("--allow-template-mismatch", action="store_true",
                         help="chat even if the tokenizer or template differs from the run's (refused by default)")
@@ -34,7 +34,7 @@ class Session:
     """One conversation with a model: the history, the prompt template, and generation settings."""
 
     def __init__(self, model, tokenizer, template: str = "chat", system: str | None = None,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, precision: str = "bf16"):
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, precision: str = "auto"):
         from tunelab.data.templates import PromptFormatter
 
         self.model, self.tokenizer = model.eval(), tokenizer

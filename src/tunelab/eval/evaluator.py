@@ -43,7 +43,7 @@ class EvalResult:
 
 class Evaluator:
     def __init__(self, split: str = "test", metrics: dict | None = None, max_examples: int | None = 64,
-                 batch_size: int = 16, precision: str | None = "bf16", generation: dict | None = None,
+                 batch_size: int = 16, precision: str | None = "auto", generation: dict | None = None,
                  compare_base: bool = True, few_shot: dict | None = None, during_training: dict | None = None,
                  report: dict | None = None, review: dict | None = None):
         self.split = split

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from rich.progress import Progress
 
+from tunelab.hardware import autocast_dtype
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -17,11 +19,9 @@ class Completion:
 
 
 def autocast(precision: str | None, device: torch.device):
-    if precision in ("bf16", "bf16-mixed", "bfloat16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision in ("16", "16-mixed", "fp16") and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+    """Autocast for a precision setting (`auto`, `bf16-mixed`, `32-true`, ...) on `device`."""
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
@@ -34,7 +34,7 @@ def stop_token_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list[str], batch_size: int = 16, max_new_tokens: int = 64,
-                         precision: str | None = "bf16", description: str = "generating", on_batch=None,
+                         precision: str | None = "auto", description: str = "generating", on_batch=None,
                          **sampling) -> list[Completion]:
     """A Completion for each prompt text, in order; longest prompts first to waste the least padding.
 

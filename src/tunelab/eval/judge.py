@@ -60,7 +60,7 @@ def local_judge_model(name_or_path: str):
 class LocalJudge:
     """Replies from a local causal LM, through its chat template, greedy."""
 
-    def __init__(self, model: str, max_new_tokens: int = 64, batch_size: int = 8, precision: str | None = "bf16"):
+    def __init__(self, model: str, max_new_tokens: int = 64, batch_size: int = 8, precision: str | None = "auto"):
         self.model, self.max_new_tokens, self.batch_size, self.precision = model, max_new_tokens, batch_size, precision
 
     def __call__(self, prompts: list[str]) -> list[str | None]:
@@ -104,7 +104,7 @@ class EndpointJudge:
 class LLMJudge:
     def __init__(self, model: str = "embedded:smollm2-135m-instruct", url: str | None = None,
                  api_key: str | None = None, endpoint_model: str | None = None, rubric: str = DEFAULT_RUBRIC,
-                 max_new_tokens: int = 64, batch_size: int = 8, precision: str | None = "bf16",
+                 max_new_tokens: int = 64, batch_size: int = 8, precision: str | None = "auto",
                  timeout: float = 30.0, client=None, name: str = "judge", examples_per_category: int = 3):
         for field in ("{prediction}",):
             if field not in rubric:

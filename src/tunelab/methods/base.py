@@ -164,6 +164,9 @@ def frozen_weights_dtype_for(setting: str | None, precision: str) -> torch.dtype
     raise TunelabError(f"method.module.frozen_weights_dtype must be auto, bfloat16 or null, got {setting!r}")
 
 
+MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
+
+
 class LanguageModelModule(pl.LightningModule):
     """Holds a HF causal LM (plain or PEFT-wrapped) and the optimisation every method shares."""
 
@@ -258,7 +261,8 @@ class CausalLMModule(LanguageModelModule):
         dtype = frozen_weights_dtype_for(self.frozen_weights_dtype, self.trainer.precision)
         if stage == "fit" and dtype is not None and self.low_precision is None:
             self.low_precision = LowPrecisionFrozenWeights(self.model, dtype)
-        if stage == "fit" and self.cast_inputs_once and self.cast_once is None:
+        mixed = str(self.trainer.precision) in MIXED_PRECISIONS  # the cast hooks only act under autocast
+        if stage == "fit" and self.cast_inputs_once and mixed and self.cast_once is None:
             self.cast_once = CastInputsOnce(self.model)
 
     def on_fit_end(self) -> None:

@@ -168,7 +168,7 @@ class RetrievalEvaluator:
     """Held-out retrieval: each anchor ranks every positive of the split; accuracy@1, MRR, and the InfoNCE
     loss with the whole split as candidates."""
 
-    def __init__(self, split: str = "test", batch_size: int = 32, precision: str | None = "bf16",
+    def __init__(self, split: str = "test", batch_size: int = 32, precision: str | None = "auto",
                  pooling: str = "mean", temperature: float = 0.05, compare_base: bool = True,
                  max_examples: int | None = None):
         check_options(temperature, pooling)

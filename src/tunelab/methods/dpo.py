@@ -265,7 +265,7 @@ class DPOEvaluator:
     base evaluation this evaluator ran first (the base *is* the reference), and without one (a resumed
     run, or compare_base=false) only the reference-free metrics are reported."""
 
-    def __init__(self, split: str = "test", batch_size: int = 16, precision: str | None = "bf16",
+    def __init__(self, split: str = "test", batch_size: int = 16, precision: str | None = "auto",
                  compare_base: bool = True, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, max_examples: int | None = None):
         check_loss_options(beta, loss_type, label_smoothing)

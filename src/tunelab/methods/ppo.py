@@ -471,7 +471,7 @@ class PolicyEvaluator:
     """Greedy responses to held-out prompts, scored by the reward and each monitor (method=ppo's eval)."""
 
     def __init__(self, reward, monitors: dict | None = None, split: str = "test", max_examples: int | None = 64,
-                 batch_size: int = 32, max_new_tokens: int = 32, precision: str | None = "bf16",
+                 batch_size: int = 32, max_new_tokens: int = 32, precision: str | None = "auto",
                  compare_base: bool = True):
         self.reward, self.monitors = reward, active(monitors)
         self.split, self.max_examples, self.batch_size = split, max_examples, batch_size

@@ -174,7 +174,7 @@ class RewardModule(LanguageModelModule):
 class PreferenceEvaluator:
     """Held-out preference accuracy, mean margin and loss of a reward model (the `eval` of method=reward)."""
 
-    def __init__(self, split: str = "test", batch_size: int = 32, precision: str | None = "bf16",
+    def __init__(self, split: str = "test", batch_size: int = 32, precision: str | None = "auto",
                  compare_base: bool = True, max_examples: int | None = None):
         self.split, self.batch_size, self.precision = split, batch_size, precision
         self.compare_base, self.max_examples = compare_base, max_examples

@@ -62,7 +62,7 @@ class RewardModelScorer:
     """Scores with a reward model from a method=reward run dir (or its final/), on the same text a
     reward model is trained on: the prompt, the response and the template's end of turn."""
 
-    def __init__(self, run_dir: str, batch_size: int = 32, precision: str | None = "bf16"):
+    def __init__(self, run_dir: str, batch_size: int = 32, precision: str | None = "auto"):
         from tunelab.methods.reward import load_reward_model
 
         if not run_dir or not Path(str(run_dir)).expanduser().exists():

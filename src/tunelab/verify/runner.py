@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning import Callback
 
 from tunelab.data.batching import TrackDataProgress
+from tunelab.hardware import resolve_trainer
 from tunelab.models.adapters import apply_adapter
 
 
@@ -107,6 +108,7 @@ class StopAfter(Callback):
 
 def build_parts(cfg: DictConfig):
     """(module, datamodule) built exactly as train.py builds them."""
+    resolve_trainer(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     model, tokenizer = instantiate(cfg.model, _convert_="all")
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
