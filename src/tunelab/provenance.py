@@ -99,10 +99,16 @@ def build_manifest(cfg: DictConfig, tokenizer, datamodule) -> dict:
 
 
 @rank_zero_only
-def write_manifest(cfg: DictConfig, run_dir: Path, tokenizer, datamodule) -> Path:
+def write_manifest(cfg: DictConfig, run_dir: Path, tokenizer, datamodule, resuming: bool = False) -> Path:
+    """provenance.json; a resume keeps the original record and adds when and how it was resumed."""
     path = Path(run_dir) / MANIFEST
+    manifest = build_manifest(cfg, tokenizer, datamodule)
+    if resuming and path.is_file():
+        original = json.loads(path.read_text())
+        resumes = original.get("resumed", []) + [{k: manifest[k] for k in ("created", "command", "git")}]
+        manifest = {**original, "resumed": resumes}
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(build_manifest(cfg, tokenizer, datamodule), indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -62,5 +62,5 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 @rank_zero_only
 def mark_failed(run_dir: Path, message: str) -> None:
-    if run_dir.is_dir():
+    if run_dir.is_dir() and not is_finished(run_dir):  # a finished run is never marked FAILED
         (run_dir / FAILED).write_text(message + "\n")

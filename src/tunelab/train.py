@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 import logging
-import resource
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tunelab import rundir
 from tunelab.data.batching import TrackDataProgress
 from tunelab.eval.evaluator import baseline_results, eval_callbacks, evaluate
 from tunelab.eval.report import comparison, print_comparison, write_reports
 from tunelab.hardware import check_trainer, resolve_trainer
-from tunelab.loggers import finish_loggers, remember_wandb_id
+from tunelab.interrupts import CheckpointOnInterrupt, install_outside_fit_handlers
+from tunelab.loggers import checkpoint_step, finish_loggers, keep_history, remember_wandb_id
 from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
 from tunelab.models.export import save_base, save_final, save_merged
 from tunelab.models.loading import resolve_model_path
+from tunelab.progress import PlainProgress, interactive
 from tunelab.provenance import write_manifest
+from tunelab.summary import TrainingSummary, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not has_logger:  # Lightning refuses a learning-rate monitor with nowhere to log (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not interactive():  # a log file: plain progress lines instead of a bar
+        callbacks.append(PlainProgress(every=cfg.trainer.get("log_every_n_steps") or 10))
     return callbacks + [TrackDataProgress()]
 
 
@@ -55,14 +58,25 @@ def base_model_path(cfg: DictConfig, model, run_dir: Path) -> str:
     return save_base(model, run_dir / "base_model")
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def fit(trainer: pl.Trainer, module, datamodule, ckpt_path: str | None, interrupt: CheckpointOnInterrupt,
+        run_dir: Path) -> None:
+    """trainer.fit, with a signal during training turned into a reported interruption."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise interrupt.interruption(trainer, run_dir) from None
+    except SystemExit:  # Lightning's answer to a second Ctrl+C: exit(1), nothing saved
+        if interrupt.received is None:
+            raise
+        raise interrupt.interruption(trainer, run_dir) from None
+    if interrupt.received is not None:  # the signal came during the last step: training is complete
+        raise interrupt.interruption(trainer, run_dir)
 
 
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
+    install_outside_fit_handlers()  # a SIGTERM before or after fit still ends as a reported interruption
+    reset_peak_memory()  # this run's own peak, also when a multirun runs jobs in one process
     resolve_trainer(cfg)  # `auto` accelerator/precision become concrete values before anything is saved
     check_trainer(cfg.trainer)
     ckpt_path = rundir.resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
@@ -75,7 +89,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
                              tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
     datamodule.setup("fit")  # data errors surface now, before anything slow
-    write_manifest(cfg, run_dir, tokenizer, datamodule)  # provenance.json: config, code, versions, hashes
+    write_manifest(cfg, run_dir, tokenizer, datamodule, resuming=ckpt_path is not None)  # provenance.json
     adapter = instantiate(cfg.adapter, _convert_="all")
     if cfg.method.get("prepare"):  # methods that reshape the network first (e.g. a reward head)
         model, adapter = instantiate(cfg.method.prepare, _convert_="all")(model, tokenizer, adapter)
@@ -93,27 +107,23 @@ def train(cfg: DictConfig) -> dict:
     base = baselines["base"].metrics if "base" in baselines else {}
 
     loggers = build_loggers(cfg, resuming=ckpt_path is not None)
+    keep_history(loggers, checkpoint_step(ckpt_path))
     # A method may pin Trainer arguments its loop needs (PPO's manual optimization clips by itself).
     pinned = OmegaConf.to_container(cfg.method.trainer, resolve=True) if cfg.method.get("trainer") else {}
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=build_callbacks(cfg, bool(loggers)) + eval_callbacks(evaluator),
+    interrupt, summary = CheckpointOnInterrupt(run_dir / rundir.CHECKPOINTS), TrainingSummary()
+    callbacks = build_callbacks(cfg, bool(loggers)) + [interrupt, summary] + eval_callbacks(evaluator)
+    pinned.setdefault("enable_progress_bar", bool(cfg.trainer.get("enable_progress_bar")) and interactive())
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks,
                                       default_root_dir=str(run_dir), _convert_="all", **pinned)
     failed = True
     try:
         if trainer.is_global_zero:
             remember_wandb_id(loggers, run_dir)
-        started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        fit_seconds = time.perf_counter() - started
+        fit(trainer, module, datamodule, ckpt_path, interrupt, run_dir)
         if not trainer.is_global_zero:
             failed = False
             return {}
-        train_summary = {
-            "fit_seconds": fit_seconds,
-            "global_step": trainer.global_step,
-            "peak_memory_mb": peak_memory_mb(),
-            **params,
-            **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-        }
+        train_summary = {**summary.summary(trainer), **params}
         results = {**baselines, "tuned": evaluate(evaluator, "tuned", module.model, datamodule, run_dir)}
         tuned = results["tuned"].metrics
         result = finish_run(cfg, run_dir, module.model, tokenizer, datamodule, base, tuned, train_summary)
@@ -141,5 +151,6 @@ def finish_run(cfg, run_dir: Path, model, tokenizer, datamodule, base: dict, tun
                "run_name": cfg.run_name, "study": cfg.study, "seed": cfg.seed}
     flat = {f"tuned/{k}": v for k, v in tuned.items()}
     flat |= {f"base/{k}": v for k, v in base.items()}
-    flat |= {f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+    # logged scalars keep their names (train/loss, val/loss); the run's own figures get train/
+    flat |= {k if "/" in k else f"train/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
     return {"metrics": metrics, "flat": flat}

@@ -21,6 +21,7 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from tunelab import rundir
+    from tunelab.interrupts import RunInterrupted
     from tunelab.multirun import optimized_value, sweep_job
     from tunelab.train import train
 
@@ -31,6 +32,10 @@ def hydra_entry(cfg: DictConfig) -> float | None:
                 return optimized_value(train(cfg), cfg.get("optimized_metric"), strict=multirun)
             except Exception as err:
                 raise user_error(err) or err
+        except RunInterrupted as err:
+            rundir.mark_failed(Path(cfg.paths.run_dir), err.message)
+            print(err.message, file=sys.stderr)
+            raise
         except TunelabError as err:
             rundir.mark_failed(Path(cfg.paths.run_dir), str(err))
             if multirun:  # the sweep goes on; this job is reported as failed
@@ -44,10 +49,12 @@ def hydra_entry(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     from tunelab.provenance import report_reproduction, take_reproduce_arg
+    from tunelab.resume import take_run_dir_args
 
     quiet_libraries()
     try:
         reproducing = take_reproduce_arg(sys.argv)  # reproduce=RUN_DIR: its recorded overrides, a fresh dir
+        take_run_dir_args(sys.argv)  # a resume gets the run's own overrides; an occupied dir is refused untouched
         preflight(sys.argv[1:], "train")
     except TunelabError as err:
         die(str(err), err.exit_code)

@@ -6,9 +6,9 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from rich.progress import Progress
 
 from tunelab.hardware import autocast_dtype
+from tunelab.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ def generate_completions(model, tokenizer, prompts: list[str], batch_size: int =
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        with Progress(transient=True) as progress:
-            task = progress.add_task(description, total=len(prompts))
+        with progress_bar(description, len(prompts)) as progress:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 inputs = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
@@ -65,7 +64,7 @@ def generate_completions(model, tokenizer, prompts: list[str], batch_size: int =
                     done.append(outputs[i])
                 if on_batch is not None:
                     on_batch(chunk, done)
-                progress.advance(task, len(chunk))
+                progress.advance(len(chunk))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

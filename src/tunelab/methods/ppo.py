@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tunelab.errors import TunelabError
 from tunelab.eval.generation import autocast
