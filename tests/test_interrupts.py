@@ -69,3 +69,17 @@ def test_config_is_unchanged_by_the_interrupt_callback(tmp_path):
     # The callback is wired by train(), not by the config: a user's callbacks group stays as written.
     cfg = make_cfg(tmp_path)
     assert "interrupt" not in cfg.callbacks
+
+
+def test_ckpt_path_auto_takes_the_newest_checkpoint_also_a_slurm_requeue_one(tmp_path):
+    from tunelab import rundir
+
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    assert rundir.latest_checkpoint(tmp_path) == last
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"  # what Lightning saves on SLURM's requeue signal
+    hpc.write_bytes(b"x")
+    os.utime(hpc, ns=(last.stat().st_mtime_ns + 10**9,) * 2)
+    assert rundir.latest_checkpoint(tmp_path) == hpc
+    assert rundir.resolve_ckpt_path("auto", tmp_path) == str(hpc)

@@ -32,12 +32,10 @@ def guard(run_dir: Path, overwrite: bool, resuming: bool) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    folder = run_dir / CHECKPOINTS
-    last = folder / "last.ckpt"
-    if last.is_file():
-        return last
-    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+    """The newest checkpoint of the run: ours (checkpoints/*.ckpt) or the one Lightning saves in the run dir
+    when SLURM signals a requeue (hpc_ckpt_N.ckpt)."""
+    candidates = [*(run_dir / CHECKPOINTS).glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
