@@ -59,6 +59,13 @@ def test_custom_template_and_field_mapping(tokenizer):
     assert supervised_text(tokenizer, rows[0]) == "4<|im_end|>"
 
 
+def test_a_template_written_on_the_command_line_gets_real_newlines(tokenizer):
+    # bash and Hydra pass `\n` as a backslash and an n: the template means newlines.
+    formatter = PromptFormatter(tokenizer, r"### Q:\n{prompt}\n### A:\n")
+    assert formatter.template == "### Q:\n{prompt}\n### A:\n"
+    assert formatter.generation_prompt([{"role": "user", "content": "2+2?"}]) == "### Q:\n2+2?\n### A:\n"
+
+
 @pytest.mark.parametrize("record, expected", [
     (PAIR, "Name the capital of Peru."),
     ({"instruction": "Translate.", "input": "hola", "output": "hello"}, "Translate.\n\nhola"),

@@ -6,6 +6,14 @@ from tunelab.data.formats import Conversation, Document, Example
 from tunelab.errors import TunelabError
 
 Segments = list[tuple[str, bool]]
+# A shell and Hydra's override grammar pass `\n` as two characters; in a prompt template they mean a newline.
+ESCAPES = {"\\n": "\n", "\\t": "\t"}
+
+
+def unescape(template: str) -> str:
+    for written, meant in ESCAPES.items():
+        template = template.replace(written, meant)
+    return template
 
 
 class PromptFormatter:
@@ -14,7 +22,7 @@ class PromptFormatter:
 
     def __init__(self, tokenizer, template: str = "chat"):
         self.tokenizer = tokenizer
-        self.template = template
+        self.template = template = unescape(template)
         if template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise TunelabError(
                 "the tokenizer has no chat template; set data.template to a prompt template string, "
