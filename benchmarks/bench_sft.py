@@ -98,18 +98,19 @@ def run_mode(mode: str, args, names: list[str], data: Path, work: Path) -> dict:
             # One at a time: setup (imports, model load, tokenisation) is not what is compared.
             workers.append(Worker(name, {**spec, "overrides": overrides[name]}, work))
             print(f"  {mode}/{name}: ready (load {load_average()})", flush=True)
-    loads, contended = [], []
+    loads, contended, dtype = [], [], flops.compute_dtype()
     while any(w.result is None for w in workers):
         for w in workers:
             if w.result is None:
                 event = w.turn()
                 loads.append(os.getloadavg()[0])
                 # The matmul rate under the same contention as the block just run: MFU against what was on offer.
-                contended.append(flops.matmul_peak(repeats=3)["bfloat16"])
+                contended.append(flops.matmul_peak(repeats=3, dtypes=(dtype,))[dtype])
                 print(f"  {mode}/{w.name}: {event.get('steps', '?')} steps, last block {event.get('seconds', 0):.1f} s "
                       f"(load {load_average()})", flush=True)
     contended.sort()
-    return {"mode": mode, "load_1min_during": [min(loads), max(loads)], "bf16_matmul_between_blocks": contended[len(contended) // 2],
+    return {"mode": mode, "load_1min_during": [min(loads), max(loads)], "matmul_between_blocks": contended[len(contended) // 2],
+            "between_blocks_dtype": dtype,
             "runners": {w.name: w.result for w in workers}}
 
 
@@ -120,10 +121,10 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data = workload.write(work / "pairs.jsonl", n=args.examples)
-    report = {"machine": flops.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    report = {"machine": flops.machine(), "cpu_kind": flops.cpu_kind(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "load_at_start": load_average(),
               "peak": flops.matmul_peak(), "modes": {}}
-    print(f"machine: {report['machine']}; load {report['load_at_start']}")
+    print(f"machine: {report['machine']}; {report['cpu_kind']}; load {report['load_at_start']}")
     print("matmul peak (best of repeats): " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in report["peak"].items()))
     modes = args.modes.split(",")
     for mode in ("lora", "full"):

@@ -20,16 +20,36 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
 
 
-def matmul_peak(size: int = 1024, repeats: int = 30) -> dict[str, float]:
-    """Best FLOP/s of a square matmul in bf16 and fp32: the best of several, so contention shows least."""
+def cpu_kind() -> str:
+    """What decides CPU speed: torch's dispatch level and whether bf16 is native (benchmarks name it)."""
+    from tunelab import hardware
+
+    return (f"capability {hardware.cpu_capability()}, native bf16 {hardware.cpu_bf16_instructions()}, "
+            f"tunelab auto precision {hardware.auto_precision('gpu' if torch.cuda.is_available() else 'cpu').value}")
+
+
+def compute_dtype() -> str:
+    """The matmul dtype tunelab trains at here (trainer.precision=auto), whose peak MFU is measured against."""
+    from tunelab import hardware
+
+    precision = hardware.auto_precision("gpu" if torch.cuda.is_available() else "cpu").value
+    return "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
+
+
+def matmul_peak(size: int = 1024, repeats: int = 30, dtypes: tuple[str, ...] = ("bfloat16", "float32"),
+                budget_s: float = 10.0) -> dict[str, float]:
+    """Best FLOP/s of a square matmul per dtype: the best of several, so contention shows least. A dtype
+    that the CPU only emulates (bf16 on AVX2: ~1 GFLOP/s) stops after `budget_s` seconds of trying."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = {}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (getattr(torch, name) for name in dtypes):
         a = torch.randn(size, size, dtype=dtype, device=device)
         b = torch.randn(size, size, dtype=dtype, device=device)
         a @ b  # warm-up (oneDNN picks its kernel)
-        best = float("inf")
+        best, began = float("inf"), time.perf_counter()
         for _ in range(repeats):
+            if time.perf_counter() - began > budget_s:
+                break
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

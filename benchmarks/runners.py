@@ -94,7 +94,9 @@ def peak_memory_mb() -> float:
 
 @torch.no_grad()
 def heldout_loss(model, datamodule) -> float:
-    """Token-weighted loss on the fixed test split, the same bf16 forward and function for every runner."""
+    """Token-weighted loss on the fixed test split, the same forward (tunelab's precision for this machine)
+    and function for every runner."""
+    from tunelab.eval.generation import autocast
     from tunelab.methods.base import token_loss_sum
 
     device = next(model.parameters()).device
@@ -103,7 +105,7 @@ def heldout_loss(model, datamodule) -> float:
     total, count = 0.0, 0
     for batch in datamodule.test_dataloader():
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast("auto", device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss, n = token_loss_sum(logits, batch["labels"])
         total, count = total + float(loss), count + int(n)
@@ -126,9 +128,11 @@ def run_tunelab(spec: dict, baton: Baton):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from tunelab.hardware import resolve_trainer
     from tunelab.models.adapters import apply_adapter
 
     cfg = compose(spec)
+    resolve_trainer(cfg)
     pl.seed_everything(cfg.seed)
     model, _, datamodule = build_data(cfg)
     model = apply_adapter(model, instantiate(cfg.adapter, _convert_="all"))
@@ -151,9 +155,13 @@ def run_trl(spec: dict, baton: Baton, best: bool):
     """TRL's SFTTrainer on the very same token ids and labels (pre-tokenized, so used as is).
 
     defaults: SFTConfig as shipped (bf16, gradient checkpointing, random order).
-    best: no checkpointing (memory is not short here) and exactly tunelab's batch order, which is
-    length-grouped, so both see the same batches and the same padding and their losses compare 1:1.
+    best: the precision this machine computes fastest (bf16 only where it is native and faster: tunelab's
+    own resolution, so bf16=False on AVX2), no checkpointing (memory is not short here) and exactly
+    tunelab's batch order, which is length-grouped, so both see the same batches and the same padding
+    and their losses compare 1:1.
     """
+    from tunelab.hardware import auto_precision
+
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -167,8 +175,9 @@ def run_trl(spec: dict, baton: Baton, best: bool):
         order = [j for batch in datamodule.train_dataloader().batch_sampler for j, _ in batch]
     dataset = Dataset.from_list([{"input_ids": train.rows[j]["input_ids"], "labels": train.rows[j]["labels"]}
                                  for j in order])
-    settings = {"bf16": True} if best else {}
+    settings = {}
     if best:
+        settings["bf16"] = auto_precision("gpu" if torch.cuda.is_available() else "cpu").value == "bf16-mixed"
         settings |= {"gradient_checkpointing": False, "train_sampling_strategy": "sequential"}
     args = SFTConfig(
         output_dir=str(Path(spec["work"]) / "trl"), per_device_train_batch_size=spec["batch_size"],
@@ -238,19 +247,28 @@ def summarize(result: dict) -> dict:
     }
 
 
+def runner_dtype(result: dict) -> str:
+    """The matmul dtype a runner computed in: tunelab's resolved trainer.precision, TRL's bf16 flag."""
+    settings = result.get("settings", {})
+    bf16 = str(settings.get("precision", "")).startswith("bf16") or settings.get("bf16") is True
+    return "bfloat16" if bf16 else "float32"
+
+
 def print_table(mode_result: dict, peak: dict) -> None:
     rows = {name: summarize(r) for name, r in mode_result["runners"].items()}
     base = {k: rows[k] for k in ("trl-defaults", "trl-best") if k in rows}
-    between = mode_result["bf16_matmul_between_blocks"]
-    print(f"\n{mode_result['mode']}: load (1 min) during {mode_result['load_1min_during']}; bf16 matmul between blocks "
-          f"(median) {between / 1e12:.3f} TFLOP/s; MFU vs best-of peak (vs between-blocks rate)")
-    head = f"{'runner':14s} {'s/step':>7s} {'tok/s':>7s} {'sup tok/s':>9s} {'pad':>5s} {'MFU bf16 (between)':>17s} " \
+    dtype, between = mode_result["between_blocks_dtype"], mode_result["matmul_between_blocks"]
+    print(f"\n{mode_result['mode']}: load (1 min) during {mode_result['load_1min_during']}; {dtype} matmul between "
+          f"blocks (median) {between / 1e12:.3f} TFLOP/s; MFU vs the best-of peak of the dtype each runner computed "
+          f"in (vs the between-blocks {dtype} rate)")
+    head = f"{'runner':14s} {'s/step':>7s} {'tok/s':>7s} {'sup tok/s':>9s} {'pad':>5s} {'dtype':>8s} {'MFU (between)':>14s} " \
            f"{'peak MB':>8s} {'loss@N':>7s} {'heldout':>7s}" + "".join(f" {'x ' + k:>15s}" for k in base)
     print(head)
     for name, s in rows.items():
         ratios = "".join(f" {s['supervised_per_s'] / b['supervised_per_s']:15.2f}" for b in base.values())
+        ran = runner_dtype(mode_result["runners"][name])
         print(f"{name:14s} {s['sec_per_step']:7.2f} {s['tokens_per_s']:7.0f} {s['supervised_per_s']:9.0f} "
-              f"{s['pad_fraction']:5.2f} {s['flops_per_s'] / peak['bfloat16']:6.1%} ({s['flops_per_s'] / between:5.1%}) "
+              f"{s['pad_fraction']:5.2f} {ran:>8s} {s['flops_per_s'] / peak[ran]:6.1%} ({s['flops_per_s'] / between:5.1%}) "
               f"{s['peak_memory_mb']:8.0f} "
               f"{s['last_loss']:7.3f} {s['heldout_loss']:7.3f}{ratios}")
 
@@ -258,7 +276,7 @@ def print_table(mode_result: dict, peak: dict) -> None:
 def bench_generation(work: Path, data: Path, args, prompts: int = 24, new_tokens: int = 32, rounds: int = 2) -> dict:
     """tunelab's batched generate (left padding, longest first, KV cache) vs one `generate` call per prompt.
 
-    Same model, bf16 autocast, greedy, same prompts; the two take turns for `rounds` rounds.
+    Same model, tunelab's precision for this machine, greedy, same prompts; the two take turns for `rounds` rounds.
     """
     from tunelab.eval.generation import autocast, generate
 
@@ -272,14 +290,14 @@ def bench_generation(work: Path, data: Path, args, prompts: int = 24, new_tokens
     device = next(model.parameters()).device
 
     def batched():
-        return generate(model, tokenizer, texts, batch_size=16, max_new_tokens=new_tokens, precision="bf16")
+        return generate(model, tokenizer, texts, batch_size=16, max_new_tokens=new_tokens, precision="auto")
 
     @torch.no_grad()
     def one_by_one():
         out = []
         for text in texts:
             inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
-            with autocast("bf16", device):
+            with autocast("auto", device):
                 ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             out.append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
@@ -302,7 +320,7 @@ def bench_generation(work: Path, data: Path, args, prompts: int = 24, new_tokens
 
 def print_generation(result: dict) -> None:
     rounds = result["seconds"]
-    print(f"\ngeneration: {result['prompts']} prompts x up to {result['max_new_tokens']} new tokens, greedy, bf16 "
+    print(f"\ngeneration: {result['prompts']} prompts x up to {result['max_new_tokens']} new tokens, greedy, precision auto "
           f"(load {result['load']})")
     for name in ("batched", "per_prompt"):
         print(f"  {name:10s} {rounds[name]:7.2f} s in all  {result['new_tokens'][name] * result['rounds'] / rounds[name]:7.1f} new tok/s")
