@@ -86,3 +86,29 @@ def test_trainers_this_machine_cannot_run_say_so(tmp_path, trainer, fragment):
 
     with pytest.raises(TunelabError, match=fragment):
         run_train(tmp_path, f"trainer={trainer}")
+
+
+def error_line(result) -> str:
+    """The one `error: ` line of a refused run, after checking it is the only one and the exit code is 2."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return errors[0].removeprefix("error: ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optimizer.lr=-1e-3"], "optimizer.lr=-0.001 is not valid: it must be > 0; e.g. optimizer.lr=2e-4"),
+    (["adapter.r=0"], "adapter.r=0 is not valid: it must be an integer >= 1 (the LoRA rank); e.g. adapter.r=8"),
+    (["adapter.lora_dropout=1.0"], "adapter.lora_dropout=1.0 is not valid: it must be in [0, 1); "
+                                   "e.g. adapter.lora_dropout=0.05"),
+    (["data.batch_size=0"], "data.batch_size=0 is not valid: it must be an integer >= 1; e.g. data.batch_size=8"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is not valid: it must be an integer "
+                                            ">= 1; e.g. trainer.accumulate_grad_batches=4"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 is not valid: it must be -1 (no limit) or an integer >= 1 "
+                              "(0 trains nothing); e.g. trainer.max_steps=100"),
+    (["-m", "optimizer.lr=1e-3,-1"], "optimizer.lr=-1 is not valid: it must be > 0; e.g. optimizer.lr=2e-4"),
+])
+def test_bad_values_are_refused_before_anything_starts(tmp_path, args, message):
+    result, run_dir = tunelab_train(tmp_path, *args)
+    assert error_line(result) == message
+    assert not run_dir.exists() and not (tmp_path / "outputs").exists()

@@ -64,12 +64,16 @@ def one_line(err: BaseException) -> str:
     return text.replace(" ;", ";").removeprefix("In 'train': ")
 
 
-def first_of_sweeps(overrides: list[str]) -> list[str]:
-    """One concrete job of a multirun: the first value of every sweep (others only add combinations)."""
+def parsed_overrides(overrides: list[str]) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def first_of_sweeps(overrides: list[str]) -> list[str]:
+    """One concrete job of a multirun: the first value of every sweep (others only add combinations)."""
     concrete = []
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in parsed_overrides(overrides):
         if override.is_sweep_override():
             try:
                 first = next(iter(override.sweep_string_iterator()))
@@ -81,13 +85,21 @@ def first_of_sweeps(overrides: list[str]) -> list[str]:
     return concrete
 
 
-def preflight(argv: list[str], config_name: str) -> None:
-    """Compose the config once before Hydra runs, so a bad override is one line and exit 2."""
-    if any(flag in argv for flag in PASS_THROUGH_FLAGS):
-        return
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def swept_values(overrides: list[str]) -> list[tuple[str, object]]:
+    """(key, value) for every value of every listed sweep, so a bad one is refused before job one runs."""
+    values = []
+    for override in parsed_overrides(overrides):
+        if not override.is_sweep_override():
+            continue
+        try:
+            values += [(override.key_or_group, value) for value in override.sweep_iterator()]
+        except Exception:  # interval searches have no list of values: the sweeper samples them
+            continue
+    return values
 
+
+def command_overrides(argv: list[str]) -> list[str]:
+    """The key=value arguments, without Hydra's flags and the values those flags take."""
     skip_next = False
     overrides = []
     for arg in argv:
@@ -99,13 +111,33 @@ def preflight(argv: list[str], config_name: str) -> None:
             continue
         if not arg.startswith("-"):
             overrides.append(arg)
+    return overrides
+
+
+def preflight(argv: list[str], config_name: str) -> None:
+    """Compose the config once before Hydra runs and check its values, so a bad override is one line and
+    exit 2 within seconds, before Hydra creates a run dir or anything slow starts."""
+    if any(flag in argv for flag in PASS_THROUGH_FLAGS):
+        return
+    from tunelab import checks
+
+    overrides = command_overrides(argv)
     try:
-        overrides = first_of_sweeps(overrides)
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            compose(config_name, overrides=overrides, return_hydra_config=True)
+        checks.check_overrides(swept_values(overrides))
+        cfg = compose_config(config_name, first_of_sweeps(overrides))
+        checks.check_config(cfg)
     except TunelabError:
         raise
     except Exception as err:
         raise TunelabError(one_line(err)) from None
+
+
+def compose_config(config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose(config_name, overrides=overrides, return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
