@@ -48,7 +48,6 @@ def bad_data_cases(tmp_path):
         ([f"data.source={fields}"], ["question, answer", "data.fields"]),
         ([f"data.source={long_prompts}", "data.max_length=32"], ["max_length=32", "raise data.max_length"]),
         (["model=hf", f"model.name_or_path={tmp_path}/no_model"], ["no_model does not exist"]),
-        (["+model.run_dir=elsewhere"], ["model.run_dir is not an option", "'~model.run_dir'"]),
     ]
 
 
@@ -112,3 +111,37 @@ def test_bad_values_are_refused_before_anything_starts(tmp_path, args, message):
     result, run_dir = tunelab_train(tmp_path, *args)
     assert error_line(result) == message
     assert not run_dir.exists() and not (tmp_path / "outputs").exists()
+
+
+ADAMW_OPTIONS = ("lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+optimizer.lrr=1", f"optimizer has no option 'lrr'; its options are: {ADAMW_OPTIONS}; did you mean optimizer.lr?"),
+    ("optimizer.lrr=1", f"optimizer has no option 'lrr'; its options are: {ADAMW_OPTIONS}; did you mean optimizer.lr?"),
+    ("+model.run_dir=elsewhere", "model has no option 'run_dir'; its options are: tokenizer, hidden_size, "
+     "num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size, max_position_embeddings, seed, "
+     "attn_implementation"),
+    # A real option the config does not set yet: Hydra's advice to add it with + is right.
+    ("optimizer.amsgrad=true", "Could not override 'optimizer.amsgrad'. To append to your config use "
+     "+optimizer.amsgrad=true"),
+])
+def test_an_unknown_option_of_a_target_lists_its_options(tmp_path, override, message):
+    result, run_dir = tunelab_train(tmp_path, override)
+    assert error_line(result) == message
+    assert not run_dir.exists()
+
+
+def test_an_option_a_target_refuses_at_instantiation_names_the_fix():
+    """A key no override set (an experiment's, kept after a group switch) fails when the target is called."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tunelab.cli.common import user_error
+
+    cfg = OmegaConf.create({"model": {"_target_": "tunelab.models.load_pretrained", "name_or_path": "x", "run_dir": "y"}})
+    with pytest.raises(Exception) as raised:
+        instantiate(cfg.model)
+    assert str(user_error(raised.value)) == (
+        "model has no option 'run_dir'; its options are: name_or_path, dtype, attn_implementation, trust_remote_code, "
+        "revision; remove it with '~model.run_dir' (an experiment or an earlier override set it)")

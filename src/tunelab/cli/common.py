@@ -47,14 +47,19 @@ def user_error(err: BaseException) -> TunelabError | None:
 
 def unknown_option(err: BaseException) -> TunelabError | None:
     """A config key the `_target_` does not take, e.g. a key an experiment set for another group choice."""
+    from tunelab.config_options import listed_options, no_such_option, target_parameters
+
     text = str(err)
     arg = re.search(r"unexpected keyword argument '(\w+)'", text)
     key = re.search(r"full_key: (\S+)", text)
     if not (arg and key):
         return None
-    option = f"{key.group(1)}.{arg.group(1)}"
-    return TunelabError(f"{option} is not an option of the chosen {key.group(1).split('.')[0]} config; "
-                        f"remove it with '~{option}' (an experiment or an earlier override set it)")
+    path, name = key.group(1), arg.group(1)
+    target = re.search(r"Error in call to target '([\w.]+)'", text)
+    parameters = target_parameters(target.group(1)) if target else None
+    options = listed_options(parameters, None) if parameters else []
+    message = no_such_option(path, name, options) if options else f"{path} has no option '{name}'"
+    return TunelabError(f"{message}; remove it with '~{path}.{name}' (an experiment or an earlier override set it)")
 
 
 def one_line(err: BaseException) -> str:
@@ -124,8 +129,10 @@ def preflight(argv: list[str], config_name: str) -> None:
     overrides = command_overrides(argv)
     try:
         checks.check_overrides(swept_values(overrides))
-        cfg = compose_config(config_name, first_of_sweeps(overrides))
+        concrete = first_of_sweeps(overrides)
+        cfg = compose_checked(config_name, concrete)
         checks.check_config(cfg)
+        check_override_keys(cfg, concrete)
     except TunelabError:
         raise
     except Exception as err:
@@ -141,3 +148,45 @@ def compose_config(config_name: str, overrides: list[str]):
             return compose(config_name, overrides=overrides, return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
+
+
+def compose_checked(config_name: str, overrides: list[str]):
+    """The composed config, or Hydra's error in one line; for a key a `_target_` does not take, the
+    target's real options instead of Hydra's advice to add it with `+` (which fails later)."""
+    try:
+        return compose_config(config_name, overrides)
+    except Exception as err:
+        raise not_overridable(err, config_name, overrides) or TunelabError(one_line(err)) from None
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def not_overridable(err: Exception, config_name: str, overrides: list[str]) -> TunelabError | None:
+    """For Hydra's "Could not override 'KEY'": the unknown-option error of KEY, judged on the config
+    composed without it (None when KEY is a real option, where Hydra's `+` advice is right)."""
+    from tunelab.config_options import unknown_key_error
+
+    failed = re.search(r"Could not override '([^']+)'", str(err))
+    if not failed:
+        return None
+    rest = [o for o in overrides if override_key(o) != failed.group(1)]
+    try:
+        cfg = compose_config(config_name, rest)
+    except Exception:  # another override is broken too: Hydra's own message comes first
+        return None
+    return unknown_key_error(cfg, failed.group(1))
+
+
+def check_override_keys(cfg, overrides: list[str]) -> None:
+    """Keys set under a `_target_` node must be options of its target (hydra.* is Hydra's own business)."""
+    from tunelab.config_options import unknown_key_error
+
+    for override in overrides:
+        key = override_key(override)
+        if override.startswith("~") or key.startswith("hydra.") or "=" not in override:
+            continue
+        error = unknown_key_error(cfg, key)
+        if error:
+            raise error

@@ -1,0 +1,85 @@
+"""The options a `_target_` config node takes, so an unknown key is one line that lists the real ones.
+
+Hydra passes every key of a `_target_` node to the target as a keyword argument, so a misspelt key
+(`+optimizer.lrr=1`) fails only when the target is called: for the optimizer, inside Lightning's
+configure_optimizers, as `TypeError: AdamW.__init__() got an unexpected keyword argument`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab.errors import TunelabError
+
+KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def is_hydra_key(name: str) -> bool:
+    """_target_, _partial_, _convert_, ...: read by Hydra, never passed to the target."""
+    return name.startswith("_") and name.endswith("_")
+
+
+def keyword_parameters(target) -> list[inspect.Parameter] | None:
+    """The keyword parameters of a callable, or None when it takes any keyword. A class that passes
+    **kwargs on to its base (PreferenceDataModule -> DataModule) takes the base's too."""
+    if inspect.isclass(target):
+        chain = [klass.__init__ for klass in target.__mro__ if "__init__" in vars(klass) and klass is not object]
+    else:
+        chain = [target]
+    parameters = []
+    for function in chain:
+        signature = inspect.signature(function)
+        parameters += [p for p in signature.parameters.values() if p.kind in KEYWORD_KINDS and p.name != "self"]
+        if all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+            return parameters
+    return None
+
+
+def target_parameters(target_path: str) -> list[inspect.Parameter] | None:
+    """None where the target cannot be inspected here (not installed, **kwargs): its call will tell."""
+    from hydra.utils import get_object
+
+    try:
+        return keyword_parameters(get_object(target_path))
+    except Exception:  # an optional package missing, a C callable without a signature
+        return None
+
+
+def listed_options(parameters: list[inspect.Parameter], node: DictConfig | None) -> list[str]:
+    """What a user may set: parameters with a default, and those the config sets. A required parameter
+    the config leaves out is one the code passes itself (the optimizer's params, the data's tokenizer).
+    Without the node (a target that already failed), every parameter."""
+    present = set(node or {})
+    names = [p.name for p in parameters
+             if node is None or p.default is not inspect.Parameter.empty or p.name in present]
+    return list(dict.fromkeys(names))  # a subclass and its base may both name one (tokenization)
+
+
+def no_such_option(path: str, name: str, options: list[str]) -> str:
+    message = f"{path} has no option '{name}'; its options are: {', '.join(options)}"
+    close = difflib.get_close_matches(name, options, n=1)
+    return message + (f"; did you mean {path}.{close[0]}?" if close else "")
+
+
+def unknown_key_error(cfg: DictConfig, key: str) -> TunelabError | None:
+    """The error for a `key` the user set under a `_target_` node (the deepest one above it) whose
+    target does not take it; None for any other key."""
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        path = ".".join(parts[:depth])
+        node = OmegaConf.select(cfg, path, default=None)
+        if isinstance(node, DictConfig) and "_target_" in node:
+            return option_error(path, node, parts[depth])
+    return None
+
+
+def option_error(path: str, node: DictConfig, name: str) -> TunelabError | None:
+    if is_hydra_key(name):
+        return None
+    parameters = target_parameters(str(node._target_))
+    if parameters is None or name in {p.name for p in parameters}:
+        return None
+    return TunelabError(no_such_option(path, name, listed_options(parameters, node)))
