@@ -38,13 +38,9 @@ def test_config_mistakes_are_one_line(tmp_path, override, fragments):
 
 
 def bad_data_cases(tmp_path):
-    malformed = tmp_path / "malformed.jsonl"
-    malformed.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a" "completion": "b"}\n')
     fields = write_jsonl(tmp_path / "fields.jsonl", [{"question": "q", "answer": "a"}] * 20)
     long_prompts = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 300, "completion": "x"}] * 20)
     return [
-        ([f"data.source={tmp_path}/missing.jsonl"], ["missing.jsonl does not exist"]),
-        ([f"data.source={malformed}"], ["malformed.jsonl:2: malformed JSON"]),
         ([f"data.source={fields}"], ["question, answer", "data.fields"]),
         ([f"data.source={long_prompts}", "data.max_length=32"], ["max_length=32", "raise data.max_length"]),
         (["model=hf", f"model.name_or_path={tmp_path}/no_model"], ["no_model does not exist"]),
@@ -57,6 +53,28 @@ def test_data_and_model_mistakes_are_one_line_and_leave_no_finished_run(tmp_path
         assert_one_line_error(result, *fragments)
         assert not (run_dir / "metrics.json").exists()
         assert (run_dir / "FAILED").is_file()
+
+
+GOOD = '{"prompt": "a", "completion": "b"}\n'
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "data file missing.jsonl does not exist; set data.source=PATH to a JSONL/JSON/CSV/Parquet file"),
+    (GOOD + '{"prompt": "a" "completion": "b"}\n',
+     "data.jsonl:2: malformed JSON (Expecting ',' delimiter at column 16); fix or remove that line"),
+    (GOOD.encode() + '{"prompt": "Qu\'est-ce qu\'un caf\xe9 ?", "completion": "b"}\n'.encode("latin-1"),
+     "data.jsonl:2: byte 0xe9 at column 32 is not valid utf-8; set data.encoding to the file's encoding "
+     "(e.g. data.encoding=latin-1 or cp1252) or save the file as UTF-8"),
+])
+def test_an_unreadable_data_file_is_refused_before_a_run_dir_exists(tmp_path, content, message):
+    name = "missing.jsonl" if content is None else "data.jsonl"
+    if isinstance(content, str):
+        (tmp_path / name).write_text(content)
+    elif content is not None:
+        (tmp_path / name).write_bytes(content)
+    result, run_dir = tunelab_train(tmp_path, f"data.source={name}")
+    assert error_line(result) == message
+    assert not run_dir.exists()
 
 
 def test_empty_dataset_after_filtering(tmp_path):

@@ -133,6 +133,22 @@ def test_malformed_json_names_the_file_and_line(tmp_path):
         load_splits(str(path))
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".txt"])
+def test_data_encoding_reads_a_latin1_file(tmp_path, suffix):
+    text = {".jsonl": '{"text": "café"}\n', ".csv": "text\ncafé\n", ".txt": "café\n"}[suffix]
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(TunelabError, match=r"latin1.*:\d+: byte 0xe9 .* not valid utf-8; set data.encoding"):
+        load_splits(str(path))
+    assert load_splits(str(path), encoding="latin-1")["train"] == [{"text": "café"}]
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\n')
+    assert load_splits(str(path))["train"] == [{"text": "a"}]
+
+
 def test_missing_fields_say_which_are_missing_and_which_exist():
     with pytest.raises(TunelabError, match=r"records have fields \[question, answer\]"):
         normalize([{"question": "q", "answer": "a"}])

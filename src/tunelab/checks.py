@@ -7,6 +7,7 @@ keys the composed config lacks (adapter.r under adapter=full) are skipped.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -51,6 +52,14 @@ def limit(value) -> bool:
     return is_integer(value) and (value == UNLIMITED or value >= 1)
 
 
+def known_encoding(value) -> bool:
+    try:
+        codecs.lookup(str(value))
+    except LookupError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Check:
     key: str                       # dotted config path
@@ -74,6 +83,7 @@ CHECKS = (
     Check("data.max_train_examples", at_least(1), "an integer >= 1, or null for all", "1000", nullable=True),
     Check("data.val_size", non_negative, ">= 0 (a fraction below 1, or a count)", "0.1"),
     Check("data.test_size", non_negative, ">= 0 (a fraction below 1, or a count)", "0.1"),
+    Check("data.encoding", known_encoding, "an encoding Python knows", "latin-1"),
     Check("trainer.accumulate_grad_batches", at_least(1), "an integer >= 1", "4"),
     Check("trainer.max_steps", limit, "-1 (no limit) or an integer >= 1 (0 trains nothing)", "100"),
     Check("trainer.max_epochs", limit, "-1 (no limit) or an integer >= 1 (0 trains nothing)", "1", nullable=True),

@@ -132,6 +132,7 @@ def preflight(argv: list[str], config_name: str) -> None:
         concrete = first_of_sweeps(overrides)
         cfg = compose_checked(config_name, concrete)
         checks.check_config(cfg)
+        check_data_file(cfg)
         check_override_keys(cfg, concrete)
     except TunelabError:
         raise
@@ -177,6 +178,20 @@ def not_overridable(err: Exception, config_name: str, overrides: list[str]) -> T
     except Exception:  # another override is broken too: Hydra's own message comes first
         return None
     return unknown_key_error(cfg, failed.group(1))
+
+
+def check_data_file(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from tunelab.data.sources import check_local_file
+
+    data = cfg.get("data")
+    if data is None or "source" not in data:
+        return
+    if OmegaConf.is_missing(data, "source"):
+        raise TunelabError("data=custom reads your own file: give it with data.source=PATH "
+                           "(.jsonl, .json, .csv, .parquet or .txt)")
+    check_local_file(data.source, data.get("encoding") or "utf-8")
 
 
 def check_override_keys(cfg, overrides: list[str]) -> None:

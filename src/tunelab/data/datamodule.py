@@ -44,11 +44,13 @@ class DataModule(pl.LightningDataModule):
         accumulate_grad_batches: int = 1,
         tokenization=None,
         cache: bool = True,
+        encoding: str = "utf-8",
     ):
         super().__init__()
         self.cache = cache  # reuse tokenised splits from TUNELAB_CACHE/data (tunelab.data.cache)
         self.tokenizer = tokenizer
         self.source, self.subset, self.format = source, subset, format
+        self.encoding = encoding  # of a local text file (JSONL, JSON, CSV, TXT)
         self.fields = dict(fields or {})
         self.system_prompt = system_prompt
         self.max_length = max_length
@@ -100,7 +102,7 @@ class DataModule(pl.LightningDataModule):
 
     def record_splits(self) -> dict[str, list[dict]]:
         """The raw records of train/val/test: loaded, filtered by data.filter, split, train capped."""
-        splits = keep_matching(load_splits(self.source, self.subset), self.filter)
+        splits = keep_matching(load_splits(self.source, self.subset, self.encoding), self.filter)
         splits = split_records(splits, self.val_size, self.test_size, self.split_seed)
         if self.max_train_examples:
             splits["train"] = splits["train"][: self.max_train_examples]

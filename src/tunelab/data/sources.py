@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -33,45 +34,69 @@ def resolve_source(source: str) -> Path | str:
     return source
 
 
-def load_splits(source: str, subset: str | None = None) -> dict[str, Records]:
+def load_splits(source: str, subset: str | None = None, encoding: str = "utf-8") -> dict[str, Records]:
     """{'train': [...], optionally 'val' and 'test'} from a file (one split) or a datasets name (its splits)."""
     resolved = resolve_source(source)
     if isinstance(resolved, Path):
-        return {"train": read_file(resolved)}
+        return {"train": read_file(resolved, encoding)}
     return read_hub_dataset(resolved, subset)
 
 
-def read_file(path: Path) -> Records:
+def check_local_file(source: str, encoding: str = "utf-8") -> None:
+    """Read a local source once before anything slow starts, so a missing, undecodable or malformed file
+    is refused in seconds (a datasets name is left to the hub check and the loader)."""
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path):
+        read_file(resolved, encoding)
+
+
+def read_file(path: Path, encoding: str = "utf-8") -> Records:
     readers = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_table, ".parquet": read_table, ".txt": read_text}
     if path.suffix not in readers:
         raise TunelabError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(readers)}")
-    records = readers[path.suffix](path)
+    records = readers[path.suffix](path, encoding)
     if not records:
         raise TunelabError(f"{path} holds no records; add examples or point data.source at another file")
     return records
 
 
-def read_jsonl(path: Path) -> Records:
+def decoded(path: Path, encoding: str) -> str:
+    """The file's text; a byte the encoding cannot decode is one error naming the file, line and column."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        line_start = raw.rfind(b"\n", 0, err.start) + 1
+        column = len(raw[line_start : err.start].decode(encoding, errors="replace")) + 1
+        raise TunelabError(
+            f"{path}:{line}: byte 0x{raw[err.start]:02x} at column {column} is not valid {encoding}; set "
+            "data.encoding to the file's encoding (e.g. data.encoding=latin-1 or cp1252) or save the file as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff")  # a byte-order mark (Windows editors write one) is no part of the data
+
+
+def read_jsonl(path: Path, encoding: str = "utf-8") -> Records:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TunelabError(
-                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line"
-                ) from None
-            if not isinstance(record, dict):
-                raise TunelabError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
-            records.append(record)
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines breaks at.
+    for lineno, line in enumerate(decoded(path, encoding).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TunelabError(
+                f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line"
+            ) from None
+        if not isinstance(record, dict):
+            raise TunelabError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+        records.append(record)
     return records
 
 
-def read_json(path: Path) -> Records:
+def read_json(path: Path, encoding: str = "utf-8") -> Records:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(decoded(path, encoding))
     except json.JSONDecodeError as err:
         raise TunelabError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the one list it holds
@@ -84,19 +109,22 @@ def read_json(path: Path) -> Records:
     return data
 
 
-def read_table(path: Path) -> Records:
+def read_table(path: Path, encoding: str = "utf-8") -> Records:
     import pandas as pd
 
-    try:
-        frame = pd.read_csv(path, keep_default_na=False) if path.suffix == ".csv" else pd.read_parquet(path)
+    try:  # CSV text goes through decoded() so an undecodable byte is reported like in every other format
+        frame = (pd.read_csv(io.StringIO(decoded(path, encoding)), keep_default_na=False) if path.suffix == ".csv"
+                 else pd.read_parquet(path))
+    except TunelabError:
+        raise
     except Exception as err:  # pandas raises many types; all mean the same to the user
         raise TunelabError(f"{path}: cannot read as {path.suffix[1:].upper()} ({err})") from None
     return frame.to_dict(orient="records")
 
 
-def read_text(path: Path) -> Records:
+def read_text(path: Path, encoding: str = "utf-8") -> Records:
     """Plain text: one document per blank-line-separated paragraph."""
-    paragraphs = path.read_text(encoding="utf-8").split("\n\n")
+    paragraphs = decoded(path, encoding).split("\n\n")
     return [{"text": p.strip()} for p in paragraphs if p.strip()]
 
 
