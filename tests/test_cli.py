@@ -62,6 +62,9 @@ GOOD = '{"prompt": "a", "completion": "b"}\n'
     (None, "data file missing.jsonl does not exist; set data.source=PATH to a JSONL/JSON/CSV/Parquet file"),
     (GOOD + '{"prompt": "a" "completion": "b"}\n',
      "data.jsonl:2: malformed JSON (Expecting ',' delimiter at column 16); fix or remove that line"),
+    (GOOD + '{"prompt": "a",\n "completion": "b"}\n',
+     "data.jsonl:2: malformed JSON (Expecting property name enclosed in double quotes at column 16), the line ends "
+     "inside a record (JSON Lines needs each record on one line); fix or remove that line"),
     (GOOD.encode() + '{"prompt": "Qu\'est-ce qu\'un caf\xe9 ?", "completion": "b"}\n'.encode("latin-1"),
      "data.jsonl:2: byte 0xe9 at column 32 is not valid utf-8; set data.encoding to the file's encoding "
      "(e.g. data.encoding=latin-1 or cp1252) or save the file as UTF-8"),

@@ -133,6 +133,27 @@ def test_malformed_json_names_the_file_and_line(tmp_path):
         load_splits(str(path))
 
 
+def test_malformed_json_gives_the_real_line_and_column(tmp_path):
+    """Each JSON Lines line is parsed without its newline: an error at the end of a line used to be
+    reported at "column 1" (of the newline's next line)."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "cut short",\n')
+    with pytest.raises(TunelabError) as raised:
+        load_splits(str(path))
+    assert str(raised.value) == (f"{path}:2: malformed JSON (Expecting property name enclosed in double quotes at "
+                                 "column 22), the line ends inside a record (JSON Lines needs each record on one "
+                                 "line); fix or remove that line")
+    whole = tmp_path / "bad.json"
+    whole.write_text('[\n  {"text": "ok"},\n  {"text" "no colon"}\n]\n')
+    with pytest.raises(TunelabError, match=r"bad.json:3: malformed JSON \(Expecting ':' delimiter at column 11\)"):
+        load_splits(str(whole))
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(TunelabError, match=r"lines.json:2: malformed JSON \(Extra data at column 1\); one record "
+                                           r"per line is JSON Lines: name the file .jsonl"):
+        load_splits(str(lines))
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".txt"])
 def test_data_encoding_reads_a_latin1_file(tmp_path, suffix):
     text = {".jsonl": '{"text": "café"}\n', ".csv": "text\ncafé\n", ".txt": "café\n"}[suffix]

@@ -85,20 +85,26 @@ def read_jsonl(path: Path, encoding: str = "utf-8") -> Records:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise TunelabError(
-                f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line"
-            ) from None
+            raise TunelabError(f"{path}:{lineno}: {malformed(err, line)}; fix or remove that line") from None
         if not isinstance(record, dict):
             raise TunelabError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
         records.append(record)
     return records
 
 
+def malformed(err: json.JSONDecodeError, line: str) -> str:
+    message = f"malformed JSON ({err.msg} at column {err.colno})"
+    if err.pos >= len(line.rstrip()):  # the line ended inside a record: one spread over several lines
+        message += ", the line ends inside a record (JSON Lines needs each record on one line)"
+    return message
+
+
 def read_json(path: Path, encoding: str = "utf-8") -> Records:
     try:
         data = json.loads(decoded(path, encoding))
     except json.JSONDecodeError as err:
-        raise TunelabError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        hint = "; one record per line is JSON Lines: name the file .jsonl" if err.msg == "Extra data" else ""
+        raise TunelabError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno}){hint}") from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the one list it holds
         lists = [value for value in data.values() if isinstance(value, list)]
         if len(lists) != 1:
