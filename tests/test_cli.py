@@ -1,5 +1,6 @@
 """Bad input: one line saying what is wrong and how to fix it, exit 2, no finished-looking run dir."""
 
+import json
 import subprocess
 import sys
 
@@ -166,3 +167,47 @@ def test_an_option_a_target_refuses_at_instantiation_names_the_fix():
     assert str(user_error(raised.value)) == (
         "model has no option 'run_dir'; its options are: name_or_path, dtype, attn_implementation, trust_remote_code, "
         "revision; remove it with '~model.run_dir' (an experiment or an earlier override set it)")
+
+
+def custom_records(method: str) -> list[dict]:
+    """A tiny file of the method's own kind of data, 20 records (16 train, 2 val, 2 test)."""
+    numbers = range(20)
+    if method == "sft":
+        return [{"prompt": f"What comes after {i}?", "completion": f"{i + 1}."} for i in numbers]
+    if method == "pretrain":
+        return [{"text": f"The number {i + 1} comes right after {i}."} for i in numbers]
+    if method == "contrastive":
+        return [{"anchor": f"What comes after {i}?", "positive": f"{i + 1} comes after {i}."} for i in numbers]
+    return [{"prompt": f"What comes after {i}?", "chosen": f"{i + 1}.", "rejected": f"{i + 2}, I think."}
+            for i in numbers]
+
+
+CUSTOM_RUNS = {  # method: (its quick evaluation settings, a metric only its kind of evaluation writes)
+    "sft": (["eval.compare_base=false", "eval.metrics={}"], "test/perplexity"),
+    # Packed into blocks of max_length tokens: short blocks, so the 16 short documents make several batches.
+    "pretrain": (["eval.compare_base=false", "eval.metrics={}", "data.max_length=16"], "test/perplexity"),
+    "dpo": (["method.evaluator.compare_base=false"], "test/margin"),
+    "reward": (["method.evaluator.compare_base=false"], "test/margin"),
+    "contrastive": (["method.evaluator.compare_base=false"], "test/accuracy_at_1"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CUSTOM_RUNS))
+def test_data_custom_reads_a_file_of_the_methods_own_kind(tmp_path, method):
+    """`data=custom` means "my file, for this method's kind of data": preference pairs under dpo/reward,
+    text pairs under contrastive, raw text under pretrain (it used to be read as sft data for every method)."""
+    write_jsonl(tmp_path / "mine.jsonl", custom_records(method))
+    settings, metric = CUSTOM_RUNS[method]
+    result, run_dir = tunelab_train(tmp_path, f"method={method}", "data=custom", "data.source=mine.jsonl",
+                                    "data.batch_size=4", "trainer.max_steps=2", "trainer.precision=32-true", *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 2 and metric in metrics["tuned"]
+
+
+def test_data_custom_without_a_source_says_so(tmp_path):
+    """`source: ???` in custom.yaml would have kept the shipped file of the config it extends."""
+    result, run_dir = tunelab_train(tmp_path, "method=dpo", "data=custom")
+    assert error_line(result) == ("data.source is not set: data=custom reads your own file, give it with "
+                                  "data.source=PATH (.jsonl, .json, .csv, .parquet or .txt)")
+    assert not run_dir.exists()

@@ -79,3 +79,19 @@ def test_every_checked_value_names_a_key_of_the_composed_config(tmp_path):
     cfg = make_cfg(tmp_path, "adapter=lora")
     missing = [c.key for c in CHECKS if OmegaConf.select(cfg, c.key, default="absent") == "absent"]
     assert not missing
+
+
+@pytest.mark.parametrize("method, datamodule", [
+    ("sft", "tunelab.data.DataModule"), ("pretrain", "tunelab.data.DataModule"),
+    ("dpo", "tunelab.data.preference.PreferenceDataModule"), ("reward", "tunelab.data.preference.PreferenceDataModule"),
+    ("ppo", "tunelab.data.preference.PreferenceDataModule"), ("contrastive", "tunelab.data.pairs.PairsDataModule"),
+])
+def test_data_custom_takes_the_methods_kind_of_data(tmp_path, method, datamodule):
+    cfg = make_cfg(tmp_path, f"method={method}", "data=custom", "data.source=mine.jsonl")
+    assert (cfg.data._target_, cfg.data.source) == (datamodule, "mine.jsonl")
+
+
+def test_data_custom_composes_without_a_method_group(tmp_path):
+    """tunelab-evaluate has no method: data=custom is then sft's kind (what generation is scored on)."""
+    cfg = make_cfg(tmp_path, "data=custom", "data.source=mine.jsonl", fast=False, config="evaluate")
+    assert cfg.data._target_ == "tunelab.data.DataModule"

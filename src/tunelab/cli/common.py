@@ -181,16 +181,14 @@ def not_overridable(err: Exception, config_name: str, overrides: list[str]) -> T
 
 
 def check_data_file(cfg) -> None:
-    from omegaconf import OmegaConf
-
     from tunelab.data.sources import check_local_file
 
     data = cfg.get("data")
     if data is None or "source" not in data:
         return
-    if OmegaConf.is_missing(data, "source"):
-        raise TunelabError("data=custom reads your own file: give it with data.source=PATH "
-                           "(.jsonl, .json, .csv, .parquet or .txt)")
+    if data.source is None:
+        raise TunelabError("data.source is not set: data=custom reads your own file, give it with "
+                           "data.source=PATH (.jsonl, .json, .csv, .parquet or .txt)")
     check_local_file(data.source, data.get("encoding") or "utf-8")
 
 
