@@ -1,8 +1,10 @@
 """Bad input: one line saying what is wrong and how to fix it, exit 2, no finished-looking run dir."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,10 +13,10 @@ from tests.helpers import write_jsonl
 FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
 
 
-def tunelab_train(tmp_path, *args, timeout=300):
+def tunelab_train(tmp_path, *args, timeout=300, env=None):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "tunelab.cli.train", *FAST, f"hydra.run.dir={run_dir}", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
     return result, run_dir
 
 
@@ -211,3 +213,66 @@ def test_data_custom_without_a_source_says_so(tmp_path):
     assert error_line(result) == ("data.source is not set: data=custom reads your own file, give it with "
                                   "data.source=PATH (.jsonl, .json, .csv, .parquet or .txt)")
     assert not run_dir.exists()
+
+
+# Nothing listens on the discard port of this machine: a connection there is refused at once, with no network.
+CLOSED_ENDPOINT = "http://127.0.0.1:9"
+
+
+def hub_env(tmp_path, **variables) -> dict:
+    """The environment with an empty HF cache, none of the offline switches conftest sets, plus `variables`."""
+    from tunelab.hub import OFFLINE_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
+    return env | {"HF_HOME": str(tmp_path / "hf_home")} | variables
+
+
+@pytest.fixture(scope="module")
+def refusal_seconds(tmp_path_factory):
+    """How long a refusal at preflight takes on this machine (interpreter start and imports included)."""
+    started = time.perf_counter()
+    result, _ = tunelab_train(tmp_path_factory.mktemp("baseline"), "optimizer.lr=-1")
+    assert result.returncode == 2
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize("variables, why", [
+    ({"HF_ENDPOINT": CLOSED_ENDPOINT}, f"{CLOSED_ENDPOINT} did not answer within 3 s"),
+    ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+])
+@pytest.mark.parametrize("args, named", [
+    (["model=hf", "model.name_or_path=nobody/no-such-model"],
+     "model.name_or_path=nobody/no-such-model looks like a Hugging Face hub model id"),
+    (["data.source=nobody/no-such-data"], "data.source=nobody/no-such-data looks like a Hugging Face hub dataset id"),
+])
+def test_a_hub_name_while_offline_is_refused_in_seconds(tmp_path, refusal_seconds, variables, why, args, named):
+    """The libraries alone retried for 35-57 s before their own error."""
+    from tunelab.hub import REACHABLE_TIMEOUT_S
+
+    started = time.perf_counter()
+    result, run_dir = tunelab_train(tmp_path, *args, env=hub_env(tmp_path, **variables))
+    seconds = time.perf_counter() - started
+    key = args[-1].split("=")[0]
+    local = "folder" if key.startswith("model") else "file"
+    assert error_line(result) == (f"{named}, but the hub is unreachable ({why}) and no copy is cached; "
+                                  f"give a local {local}: {key}=PATH")
+    assert seconds < refusal_seconds + REACHABLE_TIMEOUT_S + 5, (seconds, refusal_seconds)
+    assert not run_dir.exists()
+
+
+def test_a_cached_hub_model_still_loads_when_the_hub_is_unreachable(tmp_path):
+    """Offline mode is switched on for the libraries (after they were imported), so the cached copy loads."""
+    from tunelab.models import build_tiny_llama
+
+    repo = tmp_path / "hf_home" / "hub" / "models--someone--tiny"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    model, tokenizer = build_tiny_llama()
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    result, run_dir = tunelab_train(tmp_path, "model=hf", "model.name_or_path=someone/tiny", "trainer.max_steps=1",
+                                    "trainer.precision=32-true", "eval.compare_base=false", "eval.metrics={}",
+                                    env=hub_env(tmp_path, HF_ENDPOINT=CLOSED_ENDPOINT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["global_step"] == 1

@@ -124,7 +124,7 @@ def preflight(argv: list[str], config_name: str) -> None:
     exit 2 within seconds, before Hydra creates a run dir or anything slow starts."""
     if any(flag in argv for flag in PASS_THROUGH_FLAGS):
         return
-    from tunelab import checks
+    from tunelab import checks, hub
 
     overrides = command_overrides(argv)
     try:
@@ -132,6 +132,7 @@ def preflight(argv: list[str], config_name: str) -> None:
         concrete = first_of_sweeps(overrides)
         cfg = compose_checked(config_name, concrete)
         checks.check_config(cfg)
+        hub.check_hub_names(cfg)  # before anything else may import datasets with its online settings
         check_data_file(cfg)
         check_override_keys(cfg, concrete)
     except TunelabError:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.hub import looks_like_path
 from tunelab.models.embedded import embedded_model_dir, is_embedded
 
 
@@ -16,12 +17,11 @@ def resolve_model_path(name_or_path: str) -> str:
     if is_embedded(name_or_path):
         return str(embedded_model_dir(name_or_path))
     path = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if path.exists():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise TunelabError(f"model folder {path} has no config.json; point model.name_or_path at an HF model folder")
         return str(path)
-    if looks_local:
+    if looks_like_path(name_or_path):
         raise TunelabError(
             f"model path {name_or_path} does not exist; use model.name_or_path=PATH to an HF folder, "
             "a hub id, or model=smollm2_135m for the embedded default"
