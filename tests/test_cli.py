@@ -276,3 +276,12 @@ def test_a_cached_hub_model_still_loads_when_the_hub_is_unreachable(tmp_path):
                                     env=hub_env(tmp_path, HF_ENDPOINT=CLOSED_ENDPOINT))
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["train"]["global_step"] == 1
+
+
+def test_max_steps_wins_over_the_default_max_epochs(tmp_path):
+    """16 examples at batch 8 are 2 steps an epoch: max_epochs: 1 used to stop trainer.max_steps=12 at step 2."""
+    result, run_dir = tunelab_train(tmp_path, "trainer.max_steps=12", "data.max_train_examples=16",
+                                    "trainer.precision=32-true", "eval.compare_base=false", "eval.metrics={}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["global_step"] == 12
+    assert "max_epochs: -1" in (run_dir / "resolved_config.yaml").read_text()  # what ran is what is saved

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, open_dict
 
+from tunelab.checks import UNLIMITED
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -167,13 +168,17 @@ def autocast_dtype(precision: str | None, device: torch.device) -> torch.dtype |
 
 
 def resolve_trainer(cfg: DictConfig) -> None:
-    """Write the concrete accelerator and precision into the config, so what is saved is what ran."""
+    """Write the concrete accelerator, precision and epoch limit into the config, so what is saved is what ran."""
     trainer = cfg.trainer
     accelerator = resolve_accelerator(trainer.get("accelerator"))
     precision = resolve_precision(trainer.get("precision"), accelerator)
     with open_dict(cfg):
         trainer.accelerator = accelerator
         trainer.precision = precision.value
+        if (trainer.get("max_steps") or UNLIMITED) > 0:
+            # A step budget is the budget: Lightning stops at whichever limit comes first, and the default
+            # max_epochs: 1 silently cut trainer.max_steps=40 to the 8 steps of one epoch.
+            trainer.max_epochs = UNLIMITED
     log.info("device: %s, precision: %s (%s)", accelerator, precision.value, precision.reason)
 
 
