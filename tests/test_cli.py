@@ -130,6 +130,8 @@ def error_line(result) -> str:
     (["trainer.max_steps=0"], "trainer.max_steps=0 is not valid: it must be -1 (no limit) or an integer >= 1 "
                               "(0 trains nothing); e.g. trainer.max_steps=100"),
     (["-m", "optimizer.lr=1e-3,-1"], "optimizer.lr=-1 is not valid: it must be > 0; e.g. optimizer.lr=2e-4"),
+    # `???` in the group's config: it ended in omegaconf's MissingMandatoryValue traceback
+    (["model=hf"], "model.name_or_path has no value and needs one: add model.name_or_path=VALUE to the command line"),
 ])
 def test_bad_values_are_refused_before_anything_starts(tmp_path, args, message):
     result, run_dir = tunelab_train(tmp_path, *args)

@@ -11,7 +11,7 @@ import codecs
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from tunelab.errors import TunelabError
 
@@ -103,8 +103,33 @@ def check_value(key: str, value) -> None:
     raise TunelabError(f"{key}={value} is not valid: it must be {check.rule}; e.g. {key}={check.example}")
 
 
+def missing_values(values, prefix: str = "") -> list[str]:
+    """Keys whose value is `???` (model=hf's name_or_path, model=run's run_dir): the user must give them."""
+    if isinstance(values, dict):
+        items = values.items()
+    elif isinstance(values, list):
+        items = enumerate(values)
+    else:
+        return []
+    found = []
+    for key, value in items:
+        found += [f"{prefix}{key}"] if value == MISSING else missing_values(value, f"{prefix}{key}.")
+    return found
+
+
+def check_required(cfg: DictConfig) -> None:
+    # Unresolved: interpolations may need Hydra's runtime, which does not exist before Hydra runs.
+    values = OmegaConf.to_container(cfg, resolve=False)
+    values.pop("hydra", None)  # Hydra's own config has `???` values that Hydra fills in itself
+    missing = missing_values(values)
+    if missing:
+        raise TunelabError(f"{', '.join(missing)} has no value and needs one: add "
+                           f"{' '.join(f'{key}=VALUE' for key in missing)} to the command line")
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Every row whose key the composed config has."""
+    """Every required value given, and every row whose key the composed config has."""
+    check_required(cfg)
     for check in CHECKS:
         value = OmegaConf.select(cfg, check.key, default=ABSENT)
         if value is not ABSENT:
