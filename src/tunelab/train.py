@@ -77,8 +77,8 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     install_outside_fit_handlers()  # a SIGTERM before or after fit still ends as a reported interruption
     reset_peak_memory()  # this run's own peak, also when a multirun runs jobs in one process
+    check_trainer(cfg.trainer)  # first: resolving precision for a GPU asks CUDA, which a CPU-only torch asserts on
     resolve_trainer(cfg)  # `auto` accelerator/precision become concrete values before anything is saved
-    check_trainer(cfg.trainer)
     ckpt_path = rundir.resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     rundir.guard(run_dir, cfg.overwrite, resuming=ckpt_path is not None)
     if rank_zero_only.rank == 0:

@@ -132,6 +132,7 @@ def preflight(argv: list[str], config_name: str) -> None:
         concrete = first_of_sweeps(overrides)
         cfg = compose_checked(config_name, concrete)
         checks.check_config(cfg)
+        check_machine(cfg)
         hub.check_hub_names(cfg)  # before anything else may import datasets with its online settings
         check_data_file(cfg)
         check_override_keys(cfg, concrete)
@@ -181,7 +182,17 @@ def not_overridable(err: Exception, config_name: str, overrides: list[str]) -> T
     return unknown_key_error(cfg, failed.group(1))
 
 
+def check_machine(cfg) -> None:
+    """A trainer this machine cannot run (trainer=gpu without CUDA, deepspeed not installed)."""
+    from tunelab.hardware import check_trainer
+
+    if cfg.get("trainer") is not None:
+        check_trainer(cfg.trainer)
+
+
 def check_data_file(cfg) -> None:
+    """A local data file is read now, so a missing, undecodable or malformed one is refused before the
+    model loads."""
     from tunelab.data.sources import check_local_file
 
     data = cfg.get("data")
