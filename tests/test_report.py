@@ -1,5 +1,6 @@
 """tunelab-report on hand-made run dirs: grouping, mean ± std over seeds, failed runs, confounds, errors."""
 
+import csv
 import json
 import math
 import statistics
@@ -165,3 +166,9 @@ def test_a_curve_no_run_logged_gets_no_empty_panel_but_a_line_saying_why(study, 
     assert "Not drawn, no run logged them: `val/loss`. Validation runs at the end of an epoch" in text
     assert "(curves.png)" in text
 
+
+def test_metrics_csv_names_the_training_loss_train_loss_once(validated_run):
+    with (validated_run / "csv" / "metrics.csv").open() as handle:
+        header = next(csv.reader(handle))
+    assert "train/loss" in header and "val/loss" in header
+    assert [c for c in header if c.startswith(("train/train/", "train/val/"))] == []
