@@ -170,3 +170,14 @@ def test_chat_through_stdin_with_reset_and_quit(run_dir):
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     session.reset()
     assert session.messages == []
+
+
+def test_zero_vs_few_shot_of_any_model_is_headed_so_in_the_order_of_report_md(tmp_path, capsys):
+    run_evaluate(tmp_path, "model=tiny_llama", "eval.few_shot.k=1", "eval.metrics.semantic_similarity=null",
+                 "eval.metrics.error_analysis=null")
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if " metric " in line)
+    assert [cell.strip() for cell in header.strip("┃ ").split("┃")] == ["metric", "zero-shot", "few-shot", "change"]
+    report = (tmp_path / "report.md").read_text().splitlines()
+    assert next(line for line in report if line.startswith("| metric")) == \
+        "| metric | model (zero-shot) | few-shot base | Δ few-shot base − model (zero-shot) |"

@@ -14,6 +14,17 @@ from tunelab.errors import TunelabError
 from tunelab.paths import CONF_DIR
 
 log = logging.getLogger("tunelab")
+# Console column of each result; the results' order is report.md's: base (few-shot) tuned, or zero- then few-shot.
+COLUMNS = {"base": "base", "tuned": "tuned", "model": "zero-shot", "few_shot": "few-shot"}
+
+
+def compared_pair(results: dict, label: str) -> tuple[str, str] | None:
+    """The two results the table compares: base vs tuned for a run, zero- vs few-shot for any model."""
+    if "base" in results:
+        return "base", label
+    if "few_shot" in results:
+        return label, "few_shot"
+    return None
 
 
 def evaluate_target(cfg: DictConfig) -> dict:
@@ -58,22 +69,22 @@ def evaluate_target(cfg: DictConfig) -> dict:
         if int(evaluator.few_shot["k"]):
             results["few_shot"] = evaluate(evaluator, "few_shot", base_model, datamodule, out_dir)
         del base_model
-    elif label == "model" and int(evaluator.few_shot["k"]):  # any model: its own zero- vs few-shot
-        results["few_shot"] = evaluate(evaluator, "few_shot", model, datamodule, out_dir)
     results[label] = evaluate(evaluator, label, model, datamodule, out_dir)
+    if label == "model" and int(evaluator.few_shot["k"]):  # any model: its own zero- then few-shot
+        results["few_shot"] = evaluate(evaluator, "few_shot", model, datamodule, out_dir)
 
     title = f"{cfg.target or cfg.model.get('name_or_path', 'model')} on {evaluator.split}"
     sections = write_reports(out_dir, results, evaluator, title, extra={"target": str(cfg.target)})
-    reference = results.get("base") or (results[label] if "few_shot" in results else None)
-    candidate = results[label] if "base" in results else results.get("few_shot")
     metrics = {name: r.metrics for name, r in results.items()} | sections
     metrics |= {"target": str(cfg.target), "split": evaluator.split}
-    if reference is not None and candidate is not None:
-        metrics["delta"] = comparison(reference.metrics, candidate.metrics)
-        print_comparison(reference.metrics, candidate.metrics, title=title,
-                         few_shot=results["few_shot"].metrics if "base" in results and "few_shot" in results else None)
+    pair = compared_pair(results, label)
+    if pair:
+        reference, candidate = (results[name].metrics for name in pair)
+        metrics["delta"] = comparison(reference, candidate)
+        few_shot = results["few_shot"].metrics if "base" in results and "few_shot" in results else None
+        print_comparison(reference, candidate, title, few_shot, labels=tuple(COLUMNS[name] for name in pair))
     else:
-        print_comparison({}, results[label].metrics, title=title)
+        print_comparison({}, results[label].metrics, title=title, labels=("base", COLUMNS[label]))
     rundir.write_json_atomic(out_dir / rundir.METRICS, metrics)
     log.info("report: %s", out_dir / "report.md")
     return metrics
