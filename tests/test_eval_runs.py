@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.helpers import make_cfg
 from tunelab.errors import TunelabError
@@ -100,6 +101,51 @@ def test_evaluate_on_a_run_dir_gives_the_same_report_as_training(run_dir, tmp_pa
     assert (tmp_path / "report.md").is_file() and len(read_jsonl(tmp_path / "predictions.jsonl")) == 4
     assert json.loads((tmp_path / "metrics.json").read_text())["target"] == str(run_dir)
 
+
+
+# A run whose eval settings are not the eval group's defaults (64 examples generated, no few-shot).
+OWN_EVAL = ["debug=fast", "trainer.enable_progress_bar=false", "trainer.max_steps=2", "eval.max_examples=3",
+            "eval.few_shot.k=1", "eval.generation.max_new_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def run_with_own_eval(tmp_path_factory) -> Path:
+    from tunelab.train import train
+
+    folder = tmp_path_factory.mktemp("own_eval")
+    train(compose_job("train", folder, OWN_EVAL))
+    return folder
+
+
+def test_evaluate_on_a_run_dir_uses_the_runs_own_eval_settings(run_with_own_eval, tmp_path):
+    from tunelab.cli.evaluate import evaluate_target
+
+    metrics = evaluate_target(compose_job("evaluate", tmp_path, [f"target={run_with_own_eval}"]))  # nothing else typed
+    trained = json.loads((run_with_own_eval / "metrics.json").read_text())
+    records = read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(records) == len(read_jsonl(run_with_own_eval / "predictions.jsonl")) == 3
+    assert "few_shot" in records[0] and "## Metrics" in (tmp_path / "report.md").read_text()
+    for section in ("base", "few_shot", "tuned"):
+        assert metrics[section] == pytest.approx(trained[section], rel=1e-6), section
+
+
+def test_eval_overrides_on_the_evaluate_command_line_win_over_the_runs_own(run_with_own_eval, tmp_path):
+    from tunelab.cli.evaluate import evaluate_target
+
+    metrics = evaluate_target(compose_job("evaluate", tmp_path, [f"target={run_with_own_eval}", "eval.max_examples=2"]))
+    assert len(read_jsonl(tmp_path / "predictions.jsonl")) == 2
+    assert "few_shot" in metrics   # what was not overridden is still the run's
+    used = OmegaConf.load(tmp_path / "resolved_config.yaml").eval
+    assert (used.max_examples, used.few_shot.k, used.generation.max_new_tokens) == (2, 1, 4)
+
+
+def test_an_eval_group_on_the_command_line_adds_to_the_runs_eval_settings(run_with_own_eval, tmp_path):
+    from tunelab.cli.evaluate import eval_config
+
+    cfg = compose_job("evaluate", tmp_path, [f"target={run_with_own_eval}", "eval=judge", "~eval.metrics.rouge"])
+    used = eval_config(cfg, OmegaConf.load(run_with_own_eval / "resolved_config.yaml"))
+    assert "judge" in used.metrics and "rouge" not in used.metrics and "exact_match" in used.metrics
+    assert (used.max_examples, used.few_shot.k) == (3, 1)
 
 def test_local_llm_judge_on_a_real_tiny_model_counts_its_unparseable_replies(run_dir):
     from tunelab.eval import LLMJudge

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.cli.common import die, preflight, quiet_libraries
 from tunelab.errors import TunelabError
@@ -25,6 +25,47 @@ def compared_pair(results: dict, label: str) -> tuple[str, str] | None:
     if "few_shot" in results:
         return label, "few_shot"
     return None
+
+
+def user_overrides(group: str) -> list:
+    """The command-line overrides of one config group and its keys (eval=judge, eval.max_examples=2, ~eval.x)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return []
+    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [o for o in parsed if o.key_or_group == group or o.key_or_group.startswith(f"{group}.")]
+
+
+def apply_override(settings: DictConfig, key: str, override) -> None:
+    """One `KEY=VALUE`, `+KEY=VALUE` or `~KEY` on a config, as Hydra applies it (already validated by Hydra
+    against the composed config, so a key the run's config lacks is added)."""
+    if not override.is_delete():
+        OmegaConf.update(settings, key, override.value(), merge=True, force_add=True)
+        return
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(settings, parent_key) if parent_key else settings
+    if isinstance(parent, DictConfig) and leaf in parent:
+        del parent[leaf]
+
+
+def eval_config(cfg: DictConfig, run_cfg: DictConfig | None) -> DictConfig:
+    """What evaluates: a run's own eval settings, so that evaluating it again gives the report its training
+    gave, with the user's command-line eval overrides on top; the eval group as composed for a model
+    without a run, or with eval_from_run=false. An eval group chosen on the command line (eval=judge) adds
+    what it brings; the run's values stay where both set one."""
+    if run_cfg is None or "eval" not in run_cfg or not cfg.eval_from_run:
+        return cfg.eval
+    composed = OmegaConf.create(OmegaConf.to_container(cfg.eval, resolve=True))
+    settings = OmegaConf.create(OmegaConf.to_container(run_cfg.eval, resolve=True))
+    overrides = user_overrides("eval")
+    if any(o.key_or_group == "eval" for o in overrides):  # Hydra applies a group choice before key overrides
+        settings = OmegaConf.merge(composed, settings)
+    for override in overrides:
+        if override.key_or_group != "eval":
+            apply_override(settings, override.key_or_group.removeprefix("eval."), override)
+    return settings
 
 
 def evaluate_target(cfg: DictConfig) -> dict:
@@ -58,6 +99,8 @@ def evaluate_target(cfg: DictConfig) -> dict:
 
         gate_target(target.model_path, tokenizer, datamodule.formatter.template, cfg.allow_template_mismatch)
     datamodule.setup("test")
+    with open_dict(cfg):
+        cfg.eval = eval_config(cfg, run_cfg)  # recorded in resolved_config.yaml as it ran
     evaluator = instantiate(cfg.eval, _convert_="all")
     OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
 
