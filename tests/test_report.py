@@ -127,6 +127,27 @@ def test_cli_writes_the_report_and_prints_the_group_table(study, tmp_path, capsy
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "summary.csv").is_file()
 
 
+
+def test_runs_on_different_test_splits_are_named_and_warned_about_in_one_line(study, tmp_path):
+    # the hand-made grid held out its test split with split_seed = seed (0-3), as runs did before it was fixed
+    report = build_report([study], out=tmp_path / "report")
+    warnings = [w for w in report.comparison.warnings if "test splits" in w]
+    assert warnings == ["different test splits: the runs held out their test examples with data.split_seed 0, 1, 2, 3, "
+                        "so their differences mix data variance into what is compared; give every run one data.split_seed"]
+    text = report.markdown_path.read_text()
+    assert "Test split: `data.split_seed` = 0 (2 runs), 1 (2 runs), 2 (2 runs), 3 (2 runs) in all 8 runs: different test splits." in text
+    assert f"- {warnings[0]}" in text and "confounded" not in text
+
+
+def test_runs_on_one_test_split_say_which(tmp_path):
+    for seed in (0, 1):
+        cfg = config("lora", seed, 1e-3)
+        cfg["data"]["split_seed"] = 42
+        fake_run(tmp_path / "runs" / str(seed), [f"seed={seed}"], cfg, {"tuned/test/loss": 1.0})
+    report = build_report([tmp_path / "runs"], out=tmp_path / "report")
+    assert "Test split: `data.split_seed=42` in all 2 runs: one test split." in report.markdown_path.read_text()
+    assert not [w for w in report.comparison.warnings if "test splits" in w]
+
 # --- curves of real runs ------------------------------------------------------------------------------
 
 # The tiny model on 16 training examples: 2 steps an epoch, 2 epochs, so validation (at each epoch's end)

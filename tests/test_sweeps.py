@@ -1,6 +1,7 @@
 """Sweeps: multirun labels and isolation (the Hydra + Lightning DDP traps), the Optuna sweeper on the
 tiny model with a diverged trial, run-dir naming, and the W&B sweep file."""
 
+import json
 import math
 import os
 import re
@@ -170,6 +171,28 @@ def test_optuna_sweep_of_three_trials_fails_the_diverged_one_and_returns_the_bes
     assert statuses == {"optimizer.lr=0.001": "finished", "optimizer.lr=inf": "diverged", "optimizer.lr=0.003": "finished"}
     assert any(w.startswith("diverged:") for w in report.comparison.warnings)
 
+
+
+# One generated token per test example, exact match only: predictions.jsonl lists the whole test split.
+WHOLE_TEST_SPLIT = [*(a for a in QUICK if not a.startswith("eval.metrics")), "eval.max_examples=null",
+                    "eval.generation.max_new_tokens=1", "eval.metrics.rouge=null",
+                    "eval.metrics.semantic_similarity=null", "eval.metrics.error_analysis=null"]
+
+
+def held_out_examples(job: Path) -> list[tuple[str, str]]:
+    rows = map(json.loads, (job / "predictions.jsonl").read_text().splitlines())
+    return [(row["prompt"], row["reference"]) for row in rows]
+
+
+def test_a_seed_sweep_evaluates_every_seed_on_one_test_split(tmp_path):
+    tunelab_train(tmp_path, "-m", "seed=0,1", "study=seeds", *WHOLE_TEST_SPLIT)
+    sweep = only_sweep_dir(tmp_path)
+    assert [yaml.safe_load((sweep / job / "resolved_config.yaml").read_text())["seed"] for job in "01"] == [0, 1]
+    first, second = held_out_examples(sweep / "0"), held_out_examples(sweep / "1")
+    assert len(first) == 8 and first == second    # data.test_size=8: every test example, the same in both
+    report = build_report([sweep], out=tmp_path / "report")
+    assert "Test split: `data.split_seed=42` in all 2 runs: one test split." in report.markdown_path.read_text()
+    assert not [w for w in report.comparison.warnings if "test splits" in w]
 
 # --- grids (slow: several processes) ------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ def render(comparison: Comparison, runs: pd.DataFrame, summary: pd.DataFrame, me
     parts.append(f"{len(runs)} runs ({finished} finished, {len(runs) - finished} failed, diverged or incomplete); "
                  f"grouped by {', '.join(f'`{k}`' for k in comparison.group_keys) or 'nothing (one group)'}; "
                  f"averaged over {', '.join(f'`{k}`' for k in comparison.seed_keys)}.")
+    parts += ["", comparison.split_line()]
     if comparison.warnings:
         parts += ["", "## Warnings", "", *(f"- {w}" for w in comparison.warnings)]
     parts += ["", "## Per group (mean ± sample std over finished runs)", "",
