@@ -194,6 +194,29 @@ def test_a_seed_sweep_evaluates_every_seed_on_one_test_split(tmp_path):
     assert "Test split: `data.split_seed=42` in all 2 runs: one test split." in report.markdown_path.read_text()
     assert not [w for w in report.comparison.warnings if "test splits" in w]
 
+
+def peak_rss_resettable() -> bool:
+    """Whether this process may reset Linux's peak RSS (VmHWM), which per-job peaks in one process need."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# Job 0 fully fine-tunes a 16x wider tiny Llama: ~57 M parameters, ~0.9 GB more in weights, gradients and
+# Adam moments than job 1's ~3 M; what the allocator keeps between jobs is far less than this gap.
+MIN_PEAK_GAP_MB = 200
+
+
+@pytest.mark.skipif(not peak_rss_resettable(), reason="/proc/self/clear_refs is not writable here, so a job's peak "
+                    "RSS cannot be told from the process's (VmHWM only grows)")
+def test_each_job_of_a_multirun_in_one_process_reports_its_own_peak_memory(tmp_path):
+    tunelab_train(tmp_path, "-m", "model.hidden_size=1024,64", "adapter=full", "study=memory", *QUICK)
+    sweep = only_sweep_dir(tmp_path)
+    big, small = (json.loads((sweep / job / "metrics.json").read_text())["train"]["peak_memory_mb"] for job in "01")
+    assert small < big - MIN_PEAK_GAP_MB, (big, small)   # before: the process's peak so far, so small >= big
+
 # --- grids (slow: several processes) ------------------------------------------------------------------
 
 @pytest.mark.slow
