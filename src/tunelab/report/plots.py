@@ -16,6 +16,7 @@ from tunelab.report.runs import FINISHED, Run  # noqa: E402
 
 CURVES = ("train/loss", "val/loss")
 FEW_POINTS = 4  # below this many points a curve is drawn with markers
+SUMMARY_PREFIXES = ("tuned/", "base/")  # columns only the end-of-run summary row of metrics.csv has
 
 
 def colors(groups: list[str]) -> dict[str, str]:
@@ -23,10 +24,17 @@ def colors(groups: list[str]) -> dict[str, str]:
     return {g: cycle[i % len(cycle)] for i, g in enumerate(groups)}
 
 
+def measured_rows(curves: pd.DataFrame) -> pd.DataFrame:
+    """The CSV rows logged during training, without the end-of-run summary row: it repeats the last train/loss
+    and val/loss one step later beside the final metrics (tuned/...), which would draw a flat extra segment."""
+    summary = [c for c in curves.columns if c.startswith(SUMMARY_PREFIXES)]
+    return curves[curves[summary].isna().all(axis=1)] if summary else curves
+
+
 def logged_curves(comparison: Comparison) -> dict[str, list[tuple[Run, pd.DataFrame]]]:
     """Per curve, the runs that logged it with their (step, value) rows; a curve no run logged maps to []
     (val/loss when training stopped at trainer.max_steps before its first validation)."""
-    tables = {run.name: run.curves() for run in comparison.runs}
+    tables = {run.name: measured_rows(run.curves()) for run in comparison.runs}
     logged = {}
     for column in CURVES:
         points = [(run, tables[run.name][["step", column]].dropna()) for run in comparison.runs
