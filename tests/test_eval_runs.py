@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.helpers import make_cfg
 from tunelab.errors import TunelabError
@@ -101,6 +102,51 @@ def test_evaluate_on_a_run_dir_gives_the_same_report_as_training(run_dir, tmp_pa
     assert json.loads((tmp_path / "metrics.json").read_text())["target"] == str(run_dir)
 
 
+
+# A run whose eval settings are not the eval group's defaults (64 examples generated, no few-shot).
+OWN_EVAL = ["debug=fast", "trainer.enable_progress_bar=false", "trainer.max_steps=2", "eval.max_examples=3",
+            "eval.few_shot.k=1", "eval.generation.max_new_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def run_with_own_eval(tmp_path_factory) -> Path:
+    from tunelab.train import train
+
+    folder = tmp_path_factory.mktemp("own_eval")
+    train(compose_job("train", folder, OWN_EVAL))
+    return folder
+
+
+def test_evaluate_on_a_run_dir_uses_the_runs_own_eval_settings(run_with_own_eval, tmp_path):
+    from tunelab.cli.evaluate import evaluate_target
+
+    metrics = evaluate_target(compose_job("evaluate", tmp_path, [f"target={run_with_own_eval}"]))  # nothing else typed
+    trained = json.loads((run_with_own_eval / "metrics.json").read_text())
+    records = read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(records) == len(read_jsonl(run_with_own_eval / "predictions.jsonl")) == 3
+    assert "few_shot" in records[0] and "## Metrics" in (tmp_path / "report.md").read_text()
+    for section in ("base", "few_shot", "tuned"):
+        assert metrics[section] == pytest.approx(trained[section], rel=1e-6), section
+
+
+def test_eval_overrides_on_the_evaluate_command_line_win_over_the_runs_own(run_with_own_eval, tmp_path):
+    from tunelab.cli.evaluate import evaluate_target
+
+    metrics = evaluate_target(compose_job("evaluate", tmp_path, [f"target={run_with_own_eval}", "eval.max_examples=2"]))
+    assert len(read_jsonl(tmp_path / "predictions.jsonl")) == 2
+    assert "few_shot" in metrics   # what was not overridden is still the run's
+    used = OmegaConf.load(tmp_path / "resolved_config.yaml").eval
+    assert (used.max_examples, used.few_shot.k, used.generation.max_new_tokens) == (2, 1, 4)
+
+
+def test_an_eval_group_on_the_command_line_adds_to_the_runs_eval_settings(run_with_own_eval, tmp_path):
+    from tunelab.cli.evaluate import eval_config
+
+    cfg = compose_job("evaluate", tmp_path, [f"target={run_with_own_eval}", "eval=judge", "~eval.metrics.rouge"])
+    used = eval_config(cfg, OmegaConf.load(run_with_own_eval / "resolved_config.yaml"))
+    assert "judge" in used.metrics and "rouge" not in used.metrics and "exact_match" in used.metrics
+    assert (used.max_examples, used.few_shot.k) == (3, 1)
+
 def test_local_llm_judge_on_a_real_tiny_model_counts_its_unparseable_replies(run_dir):
     from tunelab.eval import LLMJudge
 
@@ -170,3 +216,14 @@ def test_chat_through_stdin_with_reset_and_quit(run_dir):
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     session.reset()
     assert session.messages == []
+
+
+def test_zero_vs_few_shot_of_any_model_is_headed_so_in_the_order_of_report_md(tmp_path, capsys):
+    run_evaluate(tmp_path, "model=tiny_llama", "eval.few_shot.k=1", "eval.metrics.semantic_similarity=null",
+                 "eval.metrics.error_analysis=null")
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if " metric " in line)
+    assert [cell.strip() for cell in header.strip("┃ ").split("┃")] == ["metric", "zero-shot", "few-shot", "change"]
+    report = (tmp_path / "report.md").read_text().splitlines()
+    assert next(line for line in report if line.startswith("| metric")) == \
+        "| metric | model (zero-shot) | few-shot base | Δ few-shot base − model (zero-shot) |"

@@ -1,5 +1,6 @@
 """tunelab-report on hand-made run dirs: grouping, mean ± std over seeds, failed runs, confounds, errors."""
 
+import csv
 import json
 import math
 import statistics
@@ -9,7 +10,7 @@ import yaml
 
 from tunelab.cli.report import main as report_main
 from tunelab.errors import TunelabError
-from tunelab.report import build_report
+from tunelab.report import build_report, compare, load_runs, plots
 
 
 def fake_run(path, overrides, config, metrics=None, failed=None, losses=(2.0, 1.5, 1.0)):
@@ -124,3 +125,72 @@ def test_cli_writes_the_report_and_prints_the_group_table(study, tmp_path, capsy
     assert "adapter=full" in printed.out and "adapter=lora" in printed.out
     assert "failed:" in printed.err and "incomplete:" in printed.err
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "summary.csv").is_file()
+
+
+
+def test_runs_on_different_test_splits_are_named_and_warned_about_in_one_line(study, tmp_path):
+    # the hand-made grid held out its test split with split_seed = seed (0-3), as runs did before it was fixed
+    report = build_report([study], out=tmp_path / "report")
+    warnings = [w for w in report.comparison.warnings if "test splits" in w]
+    assert warnings == ["different test splits: the runs held out their test examples with data.split_seed 0, 1, 2, 3, "
+                        "so their differences mix data variance into what is compared; give every run one data.split_seed"]
+    text = report.markdown_path.read_text()
+    assert "Test split: `data.split_seed` = 0 (2 runs), 1 (2 runs), 2 (2 runs), 3 (2 runs) in all 8 runs: different test splits." in text
+    assert f"- {warnings[0]}" in text and "confounded" not in text
+
+
+def test_runs_on_one_test_split_say_which(tmp_path):
+    for seed in (0, 1):
+        cfg = config("lora", seed, 1e-3)
+        cfg["data"]["split_seed"] = 42
+        fake_run(tmp_path / "runs" / str(seed), [f"seed={seed}"], cfg, {"tuned/test/loss": 1.0})
+    report = build_report([tmp_path / "runs"], out=tmp_path / "report")
+    assert "Test split: `data.split_seed=42` in all 2 runs: one test split." in report.markdown_path.read_text()
+    assert not [w for w in report.comparison.warnings if "test splits" in w]
+
+# --- curves of real runs ------------------------------------------------------------------------------
+
+# The tiny model on 16 training examples: 2 steps an epoch, 2 epochs, so validation (at each epoch's end)
+# logs val/loss twice; evaluation cut to loss only on a few examples.
+VALIDATED = ["trainer.max_steps=-1", "trainer.max_epochs=2", "data.max_train_examples=16", "eval.metrics=null",
+             "eval.compare_base=false", "eval.max_examples=2"]
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory):
+    from tests.helpers import run_train
+
+    run_dir = tmp_path_factory.mktemp("validated") / "run"
+    run_train(run_dir, *VALIDATED)
+    return run_dir
+
+
+def panels(fig) -> dict[str, list]:
+    """Each panel's title and the y values of every line drawn in it."""
+    return {ax.get_title(): [list(line.get_ydata()) for line in ax.get_lines()] for ax in fig.axes}
+
+
+def test_the_curves_plot_has_train_and_val_loss_of_a_run_that_validated(validated_run, tmp_path):
+    drawn = panels(plots.curve_figure(compare(load_runs([validated_run]))))
+    assert list(drawn) == ["train/loss", "val/loss"]
+    (train,), (val,) = drawn["train/loss"], drawn["val/loss"]
+    # 4 optimizer steps and 2 validations; the end-of-run summary row that repeats the last of each is left out
+    assert len(train) == 4 and len(val) == 2 and all(map(math.isfinite, train + val))
+    report = build_report([validated_run], out=tmp_path / "report")
+    assert "Not drawn" not in report.markdown_path.read_text()
+
+
+def test_a_curve_no_run_logged_gets_no_empty_panel_but_a_line_saying_why(study, tmp_path):
+    # the hand-made runs log train/loss only, like runs that trainer.max_steps stopped before validating
+    drawn = panels(plots.curve_figure(compare(load_runs([study]))))
+    assert list(drawn) == ["train/loss"] and all(drawn["train/loss"])
+    text = build_report([study], out=tmp_path / "report").markdown_path.read_text()
+    assert "Not drawn, no run logged them: `val/loss`. Validation runs at the end of an epoch" in text
+    assert "(curves.png)" in text
+
+
+def test_metrics_csv_names_the_training_loss_train_loss_once(validated_run):
+    with (validated_run / "csv" / "metrics.csv").open() as handle:
+        header = next(csv.reader(handle))
+    assert "train/loss" in header and "val/loss" in header
+    assert [c for c in header if c.startswith(("train/train/", "train/val/"))] == []

@@ -1,6 +1,7 @@
 """Sweeps: multirun labels and isolation (the Hydra + Lightning DDP traps), the Optuna sweeper on the
 tiny model with a diverged trial, run-dir naming, and the W&B sweep file."""
 
+import json
 import math
 import os
 import re
@@ -170,6 +171,51 @@ def test_optuna_sweep_of_three_trials_fails_the_diverged_one_and_returns_the_bes
     assert statuses == {"optimizer.lr=0.001": "finished", "optimizer.lr=inf": "diverged", "optimizer.lr=0.003": "finished"}
     assert any(w.startswith("diverged:") for w in report.comparison.warnings)
 
+
+
+# One generated token per test example, exact match only: predictions.jsonl lists the whole test split.
+WHOLE_TEST_SPLIT = [*(a for a in QUICK if not a.startswith("eval.metrics")), "eval.max_examples=null",
+                    "eval.generation.max_new_tokens=1", "eval.metrics.rouge=null",
+                    "eval.metrics.semantic_similarity=null", "eval.metrics.error_analysis=null"]
+
+
+def held_out_examples(job: Path) -> list[tuple[str, str]]:
+    rows = map(json.loads, (job / "predictions.jsonl").read_text().splitlines())
+    return [(row["prompt"], row["reference"]) for row in rows]
+
+
+def test_a_seed_sweep_evaluates_every_seed_on_one_test_split(tmp_path):
+    tunelab_train(tmp_path, "-m", "seed=0,1", "study=seeds", *WHOLE_TEST_SPLIT)
+    sweep = only_sweep_dir(tmp_path)
+    assert [yaml.safe_load((sweep / job / "resolved_config.yaml").read_text())["seed"] for job in "01"] == [0, 1]
+    first, second = held_out_examples(sweep / "0"), held_out_examples(sweep / "1")
+    assert len(first) == 8 and first == second    # data.test_size=8: every test example, the same in both
+    report = build_report([sweep], out=tmp_path / "report")
+    assert "Test split: `data.split_seed=42` in all 2 runs: one test split." in report.markdown_path.read_text()
+    assert not [w for w in report.comparison.warnings if "test splits" in w]
+
+
+def peak_rss_resettable() -> bool:
+    """Whether this process may reset Linux's peak RSS (VmHWM), which per-job peaks in one process need."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# Job 0 fully fine-tunes a 16x wider tiny Llama: ~57 M parameters, ~0.9 GB more in weights, gradients and
+# Adam moments than job 1's ~3 M; what the allocator keeps between jobs is far less than this gap.
+MIN_PEAK_GAP_MB = 200
+
+
+@pytest.mark.skipif(not peak_rss_resettable(), reason="/proc/self/clear_refs is not writable here, so a job's peak "
+                    "RSS cannot be told from the process's (VmHWM only grows)")
+def test_each_job_of_a_multirun_in_one_process_reports_its_own_peak_memory(tmp_path):
+    tunelab_train(tmp_path, "-m", "model.hidden_size=1024,64", "adapter=full", "study=memory", *QUICK)
+    sweep = only_sweep_dir(tmp_path)
+    big, small = (json.loads((sweep / job / "metrics.json").read_text())["train"]["peak_memory_mb"] for job in "01")
+    assert small < big - MIN_PEAK_GAP_MB, (big, small)   # before: the process's peak so far, so small >= big
 
 # --- grids (slow: several processes) ------------------------------------------------------------------
 

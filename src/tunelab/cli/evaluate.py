@@ -7,13 +7,65 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.cli.common import die, preflight, quiet_libraries
 from tunelab.errors import TunelabError
 from tunelab.paths import CONF_DIR
 
 log = logging.getLogger("tunelab")
+# Console column of each result; the results' order is report.md's: base (few-shot) tuned, or zero- then few-shot.
+COLUMNS = {"base": "base", "tuned": "tuned", "model": "zero-shot", "few_shot": "few-shot"}
+
+
+def compared_pair(results: dict, label: str) -> tuple[str, str] | None:
+    """The two results the table compares: base vs tuned for a run, zero- vs few-shot for any model."""
+    if "base" in results:
+        return "base", label
+    if "few_shot" in results:
+        return label, "few_shot"
+    return None
+
+
+def user_overrides(group: str) -> list:
+    """The command-line overrides of one config group and its keys (eval=judge, eval.max_examples=2, ~eval.x)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return []
+    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [o for o in parsed if o.key_or_group == group or o.key_or_group.startswith(f"{group}.")]
+
+
+def apply_override(settings: DictConfig, key: str, override) -> None:
+    """One `KEY=VALUE`, `+KEY=VALUE` or `~KEY` on a config, as Hydra applies it (already validated by Hydra
+    against the composed config, so a key the run's config lacks is added)."""
+    if not override.is_delete():
+        OmegaConf.update(settings, key, override.value(), merge=True, force_add=True)
+        return
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(settings, parent_key) if parent_key else settings
+    if isinstance(parent, DictConfig) and leaf in parent:
+        del parent[leaf]
+
+
+def eval_config(cfg: DictConfig, run_cfg: DictConfig | None) -> DictConfig:
+    """What evaluates: a run's own eval settings, so that evaluating it again gives the report its training
+    gave, with the user's command-line eval overrides on top; the eval group as composed for a model
+    without a run, or with eval_from_run=false. An eval group chosen on the command line (eval=judge) adds
+    what it brings; the run's values stay where both set one."""
+    if run_cfg is None or "eval" not in run_cfg or not cfg.eval_from_run:
+        return cfg.eval
+    composed = OmegaConf.create(OmegaConf.to_container(cfg.eval, resolve=True))
+    settings = OmegaConf.create(OmegaConf.to_container(run_cfg.eval, resolve=True))
+    overrides = user_overrides("eval")
+    if any(o.key_or_group == "eval" for o in overrides):  # Hydra applies a group choice before key overrides
+        settings = OmegaConf.merge(composed, settings)
+    for override in overrides:
+        if override.key_or_group != "eval":
+            apply_override(settings, override.key_or_group.removeprefix("eval."), override)
+    return settings
 
 
 def evaluate_target(cfg: DictConfig) -> dict:
@@ -47,6 +99,8 @@ def evaluate_target(cfg: DictConfig) -> dict:
 
         gate_target(target.model_path, tokenizer, datamodule.formatter.template, cfg.allow_template_mismatch)
     datamodule.setup("test")
+    with open_dict(cfg):
+        cfg.eval = eval_config(cfg, run_cfg)  # recorded in resolved_config.yaml as it ran
     evaluator = instantiate(cfg.eval, _convert_="all")
     OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
 
@@ -58,22 +112,22 @@ def evaluate_target(cfg: DictConfig) -> dict:
         if int(evaluator.few_shot["k"]):
             results["few_shot"] = evaluate(evaluator, "few_shot", base_model, datamodule, out_dir)
         del base_model
-    elif label == "model" and int(evaluator.few_shot["k"]):  # any model: its own zero- vs few-shot
-        results["few_shot"] = evaluate(evaluator, "few_shot", model, datamodule, out_dir)
     results[label] = evaluate(evaluator, label, model, datamodule, out_dir)
+    if label == "model" and int(evaluator.few_shot["k"]):  # any model: its own zero- then few-shot
+        results["few_shot"] = evaluate(evaluator, "few_shot", model, datamodule, out_dir)
 
     title = f"{cfg.target or cfg.model.get('name_or_path', 'model')} on {evaluator.split}"
     sections = write_reports(out_dir, results, evaluator, title, extra={"target": str(cfg.target)})
-    reference = results.get("base") or (results[label] if "few_shot" in results else None)
-    candidate = results[label] if "base" in results else results.get("few_shot")
     metrics = {name: r.metrics for name, r in results.items()} | sections
     metrics |= {"target": str(cfg.target), "split": evaluator.split}
-    if reference is not None and candidate is not None:
-        metrics["delta"] = comparison(reference.metrics, candidate.metrics)
-        print_comparison(reference.metrics, candidate.metrics, title=title,
-                         few_shot=results["few_shot"].metrics if "base" in results and "few_shot" in results else None)
+    pair = compared_pair(results, label)
+    if pair:
+        reference, candidate = (results[name].metrics for name in pair)
+        metrics["delta"] = comparison(reference, candidate)
+        few_shot = results["few_shot"].metrics if "base" in results and "few_shot" in results else None
+        print_comparison(reference, candidate, title, few_shot, labels=tuple(COLUMNS[name] for name in pair))
     else:
-        print_comparison({}, results[label].metrics, title=title)
+        print_comparison({}, results[label].metrics, title=title, labels=("base", COLUMNS[label]))
     rundir.write_json_atomic(out_dir / rundir.METRICS, metrics)
     log.info("report: %s", out_dir / "report.md")
     return metrics

@@ -23,9 +23,13 @@ def better(key: str, delta: float) -> bool:
     return delta < 0 if key.endswith(LOWER_IS_BETTER) or "/errors/" in key else delta > 0
 
 
-def print_comparison(base: dict, tuned: dict, title: str, few_shot: dict | None = None) -> None:
+def print_comparison(base: dict, tuned: dict, title: str, few_shot: dict | None = None,
+                     labels: tuple[str, str] = ("base", "tuned")) -> None:
+    """The terminal table: reference (`base`) and candidate (`tuned`) columns under their labels, in
+    report.md's order, and the change from the first to the second."""
     table = Table(title=title)
-    columns = ["metric", "base"] + (["few-shot"] if few_shot else []) + ["tuned", "change"]
+    reference, candidate = labels
+    columns = ["metric", reference] + (["few-shot"] if few_shot else []) + [candidate, "change"]
     for column in columns:
         table.add_column(column, justify="left" if column == "metric" else "right")
     for key, value in tuned.items():

@@ -48,14 +48,15 @@ def build_report(dirs: list[str | Path], out: str | Path | None = None, metrics:
     summary = summarize(table, chosen, comparison.groups())
     out = Path(out) if out else default_out(dirs)
     out.mkdir(parents=True, exist_ok=True)
+    curves = "Loss curves (dotted: failed or incomplete runs)"
     drawn = {
-        "Loss curves (dotted: failed or incomplete runs)": plots.curve_plot(comparison, out / "curves.png"),
+        curves: plots.curve_plot(comparison, out / "curves.png"),
         "Final metrics per group (error bars: std over seeds)": plots.metric_bars(summary, chosen, out / "metrics.png"),
         "Wall time and peak memory per run": plots.cost_plot(table, out / "cost.png"),
     }
     drawn = {caption: path for caption, path in drawn.items() if path}
     text = markdown.render(comparison, table, summary, chosen, {c: p.name for c, p in drawn.items()},
-                           title or f"Comparison of {len(runs)} runs")
+                           title or f"Comparison of {len(runs)} runs", {curves: plots.curves_note(comparison)})
     hint = wandb_hint(runs)
     if hint:
         text += f"\n## W&B\n\n{hint}\n"

@@ -17,6 +17,7 @@ LABEL_PREFIXES = ("paths.", "hydra.")
 DEFAULT_METRICS = ("tuned/test/loss", "tuned/test/perplexity", "tuned/test/rougeL", "tuned/test/semantic_similarity",
                    "tuned/test/exact_match", "train/val/loss", "train/fit_seconds", "train/peak_memory_mb",
                    "train/trainable_params")
+SPLIT_SEED = "data.split_seed"  # which examples are held out: runs compared on different test splits are not like with like
 
 
 @dataclass
@@ -27,6 +28,18 @@ class Comparison:
     labels: dict[str, str]                # run name -> its group's label
     differing: list[str]                  # resolved config keys that differ between runs
     warnings: list[str] = field(default_factory=list)
+    split_seeds: dict = field(default_factory=dict)  # data.split_seed -> how many runs used it
+
+    def split_line(self) -> str:
+        """Which test split(s) the runs were evaluated on, for the report's header."""
+        if not self.split_seeds:
+            return f"Test split: `{SPLIT_SEED}` not recorded in any run's config."
+        recorded = sum(self.split_seeds.values())
+        runs = f"all {recorded} runs" if recorded == len(self.runs) else f"the {recorded} of {len(self.runs)} runs that record it"
+        if len(self.split_seeds) == 1:
+            return f"Test split: `{SPLIT_SEED}={next(iter(self.split_seeds))}` in {runs}: one test split."
+        used = ", ".join(f"{seed} ({count} runs)" for seed, count in self.split_seeds.items())
+        return f"Test split: `{SPLIT_SEED}` = {used} in {runs}: different test splits."
 
     def groups(self) -> list[str]:
         return list(dict.fromkeys(self.labels[run.name] for run in self.runs))
@@ -59,7 +72,8 @@ def differing_config_keys(runs: list[Run]) -> list[str]:
 
 
 def seed_derived_keys(runs: list[Run], differing: list[str], seed_keys: list[str]) -> list[str]:
-    """Keys that move with the seed in every run (data.seed, data.split_seed = ${seed}): averaged over too."""
+    """Keys that move with the seed in every run (data.seed = ${seed}; data.split_seed in runs made before it was
+    fixed at 42): averaged over too."""
     derived = []
     for key in differing:
         if key in seed_keys:
@@ -92,17 +106,32 @@ def compare(runs: list[Run], seed_keys: tuple[str, ...] = ("seed",)) -> Comparis
         group_keys = [k for k in differing if k not in seeds]
         values = {run.name: {k: as_hashable(run.config.get(k, "<unset>")) for k in group_keys} for run in runs}
     labels = {run.name: group_label(values[run.name], group_keys) for run in runs}
-    comparison = Comparison(runs, group_keys, seeds, labels, differing)
+    comparison = Comparison(runs, group_keys, seeds, labels, differing, split_seeds=split_seeds(runs))
+    comparison.warnings += split_warnings(comparison.split_seeds)
     comparison.warnings += confound_warnings(comparison, seeds)
     comparison.warnings += status_warnings(runs)
     return comparison
+
+
+def split_seeds(runs: list[Run]) -> dict:
+    """How many runs held out their test split with each data.split_seed (runs that record one)."""
+    seeds = [run.config[SPLIT_SEED] for run in runs if SPLIT_SEED in run.config]
+    return {seed: seeds.count(seed) for seed in dict.fromkeys(seeds)}
+
+
+def split_warnings(seeds: dict) -> list[str]:
+    if len(seeds) < 2:
+        return []
+    return [f"different test splits: the runs held out their test examples with {SPLIT_SEED} "
+            f"{', '.join(map(str, seeds))}, so their differences mix data variance into what is compared; "
+            f"give every run one {SPLIT_SEED}"]
 
 
 def confound_warnings(comparison: Comparison, seeds: list[str]) -> list[str]:
     """A value that differs between runs of one group was not swept: the comparison is confounded."""
     warnings = []
     for key in comparison.differing:
-        if key in seeds:
+        if key in seeds or key == SPLIT_SEED:  # different test splits have their own warning
             continue
         for label in comparison.groups():
             members = [r for r in comparison.runs if comparison.labels[r.name] == label and r.config]

@@ -31,12 +31,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render(comparison: Comparison, runs: pd.DataFrame, summary: pd.DataFrame, metrics: list[str],
-           plots: dict[str, str], title: str) -> str:
+           plots: dict[str, str], title: str, notes: dict[str, str] | None = None) -> str:
+    """notes: a line under a plot's caption (e.g. which curves no run logged), also when nothing was drawn."""
     parts = [f"# {title}", ""]
     finished = (runs.status == FINISHED).sum()
     parts.append(f"{len(runs)} runs ({finished} finished, {len(runs) - finished} failed, diverged or incomplete); "
                  f"grouped by {', '.join(f'`{k}`' for k in comparison.group_keys) or 'nothing (one group)'}; "
                  f"averaged over {', '.join(f'`{k}`' for k in comparison.seed_keys)}.")
+    parts += ["", comparison.split_line()]
     if comparison.warnings:
         parts += ["", "## Warnings", "", *(f"- {w}" for w in comparison.warnings)]
     parts += ["", "## Per group (mean ± sample std over finished runs)", "",
@@ -48,8 +50,11 @@ def render(comparison: Comparison, runs: pd.DataFrame, summary: pd.DataFrame, me
     if comparison.differing:
         parts += ["", "## Config values that differ between runs", "",
                   ", ".join(f"`{k}`" for k in comparison.differing)]
-    for caption, file in plots.items():
-        parts += ["", f"## {caption}", "", f"![{caption}]({file})"]
+    notes = {caption: note for caption, note in (notes or {}).items() if note}
+    for caption in dict.fromkeys([*plots, *notes]):
+        parts += ["", f"## {caption}"]
+        parts += ["", f"![{caption}]({plots[caption]})"] if caption in plots else []
+        parts += ["", notes[caption]] if caption in notes else []
     return "\n".join(parts) + "\n"
 
 

@@ -12,9 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tunelab.report.compare import Comparison  # noqa: E402
-from tunelab.report.runs import FINISHED  # noqa: E402
+from tunelab.report.runs import FINISHED, Run  # noqa: E402
 
 CURVES = ("train/loss", "val/loss")
+FEW_POINTS = 4  # below this many points a curve is drawn with markers
+SUMMARY_PREFIXES = ("tuned/", "base/")  # columns only the end-of-run summary row of metrics.csv has
 
 
 def colors(groups: list[str]) -> dict[str, str]:
@@ -22,30 +24,63 @@ def colors(groups: list[str]) -> dict[str, str]:
     return {g: cycle[i % len(cycle)] for i, g in enumerate(groups)}
 
 
-def curve_plot(comparison: Comparison, path: Path) -> Path | None:
-    """Every run's logged curve, coloured by group (seeds of one group share a colour)."""
+def measured_rows(curves: pd.DataFrame) -> pd.DataFrame:
+    """The CSV rows logged during training, without the end-of-run summary row: it repeats the last train/loss
+    and val/loss one step later beside the final metrics (tuned/...), which would draw a flat extra segment."""
+    summary = [c for c in curves.columns if c.startswith(SUMMARY_PREFIXES)]
+    return curves[curves[summary].isna().all(axis=1)] if summary else curves
+
+
+def logged_curves(comparison: Comparison) -> dict[str, list[tuple[Run, pd.DataFrame]]]:
+    """Per curve, the runs that logged it with their (step, value) rows; a curve no run logged maps to []
+    (val/loss when training stopped at trainer.max_steps before its first validation)."""
+    tables = {run.name: measured_rows(run.curves()) for run in comparison.runs}
+    logged = {}
+    for column in CURVES:
+        points = [(run, tables[run.name][["step", column]].dropna()) for run in comparison.runs
+                  if {"step", column} <= set(tables[run.name].columns)]
+        logged[column] = [(run, rows) for run, rows in points if not rows.empty]
+    return logged
+
+
+def curve_figure(comparison: Comparison):
+    """Every run's logged curve, coloured by group (seeds of one group share a colour); a panel only for a
+    curve some run logged, so that no empty panel stands for data that does not exist. None: none logged."""
+    curves = {column: runs for column, runs in logged_curves(comparison).items() if runs}
+    if not curves:
+        return None
     palette = colors(comparison.groups())
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4), squeeze=False)
-    drawn = False
-    for ax, column in zip(axes[0], CURVES):
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+    for ax, (column, runs) in zip(axes[0], curves.items()):
         labelled = set()
-        for run in comparison.runs:
-            curves = run.curves()
-            if column not in curves or "step" not in curves:
-                continue
-            points = curves[["step", column]].dropna()
-            if points.empty:
-                continue
+        for run, points in runs:
             group = comparison.labels[run.name]
             style = "-" if run.status == FINISHED else ":"  # dotted: failed or incomplete
-            ax.plot(points.step, points[column], style, color=palette[group], alpha=0.8, marker="." if len(points) < 4 else None,
-                    label=None if group in labelled else group)
+            # a curve of a few points (one validation per epoch) is only visible with markers
+            ax.plot(points.step, points[column], style, color=palette[group], alpha=0.8,
+                    marker="o" if len(points) < FEW_POINTS else None, label=None if group in labelled else group)
             labelled.add(group)
-            drawn = True
         ax.set(title=column, xlabel="step", ylabel=column)
-        if labelled:
-            ax.legend(fontsize=7)
-    return save(fig, path) if drawn else plt.close(fig)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def curve_plot(comparison: Comparison, path: Path) -> Path | None:
+    fig = curve_figure(comparison)
+    return save(fig, path) if fig is not None else None
+
+
+def curves_note(comparison: Comparison) -> str | None:
+    """Which curves no run logged (and are therefore not drawn), in one line for report.md."""
+    missing = [column for column, runs in logged_curves(comparison).items() if not runs]
+    if not missing:
+        return None
+    note = f"Not drawn, no run logged them: {', '.join(f'`{c}`' for c in missing)}."
+    if "val/loss" in missing:
+        note += (" Validation runs at the end of an epoch by default, so a run that `trainer.max_steps` stopped "
+                 "earlier (or with `trainer.limit_val_batches=0`) has no `val/loss`; `trainer.val_check_interval=N` "
+                 "validates every N steps.")
+    return note
 
 
 def metric_bars(summary: pd.DataFrame, metrics: list[str], path: Path) -> Path | None:
