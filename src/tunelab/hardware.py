@@ -15,7 +15,9 @@ def check_trainer(trainer_cfg) -> None:
     if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise TunelabError("trainer=deepspeed needs the deepspeed package: pip install deepspeed (and a GPU)")
     if strategy.startswith("fsdp") and not torch.cuda.is_available():
-        raise TunelabError("trainer=fsdp shards over GPUs and none is visible; use trainer=ddp on CPU")
+        # Lightning's FSDPStrategy (FSDP1) raises "requires a GPU accelerator"; tunelab's FSDP2 strategy does not.
+        raise TunelabError(f"trainer.strategy={strategy} is Lightning's FSDP1 strategy, which needs a CUDA GPU; "
+                           "trainer=fsdp (FSDP2, tunelab.sharding) also runs on CPU processes")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise TunelabError(f"trainer asks for accelerator={accelerator} but no CUDA GPU is visible; "
                            "use trainer=cpu (or trainer=ddp for several CPU processes)")

@@ -24,6 +24,7 @@ from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
 from tunelab.models.export import save_base, save_final, save_merged
 from tunelab.models.loading import resolve_model_path
 from tunelab.provenance import write_manifest
+from tunelab.sharding import check_shardable, full_model
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def train(cfg: DictConfig) -> dict:
                          scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
     # A method whose output is not a text generator (a reward model) brings its own evaluator.
     evaluator = instantiate(cfg.method.get("evaluator") or cfg.eval, _convert_="all")
+    check_shardable(cfg.trainer, module, eval_callbacks(evaluator))
 
     baselines = {}  # base (and few-shot base): evaluated before training, saved for a resume
     if evaluator.compare_base and rank_zero_only.rank == 0:
@@ -103,6 +105,7 @@ def train(cfg: DictConfig) -> dict:
         started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_seconds = time.perf_counter() - started
+        trained = full_model(trainer, module.model)  # trainer=fsdp: the weights gathered from every rank
         if not trainer.is_global_zero:
             failed = False
             return {}
@@ -113,9 +116,9 @@ def train(cfg: DictConfig) -> dict:
             **params,
             **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         }
-        results = {**baselines, "tuned": evaluate(evaluator, "tuned", module.model, datamodule, run_dir)}
+        results = {**baselines, "tuned": evaluate(evaluator, "tuned", trained, datamodule, run_dir)}
         tuned = results["tuned"].metrics
-        result = finish_run(cfg, run_dir, module.model, tokenizer, datamodule, base, tuned, train_summary)
+        result = finish_run(cfg, run_dir, trained, tokenizer, datamodule, base, tuned, train_summary)
         title = f"{cfg.run_name}: base vs tuned on {evaluator.split}"
         result["metrics"] |= write_reports(run_dir, results, evaluator, title, loggers, {"run": str(run_dir)})
         for logger in loggers:
