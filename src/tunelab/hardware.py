@@ -9,6 +9,14 @@ import torch
 from tunelab.errors import TunelabError
 
 
+def training_device(trainer_cfg) -> torch.device:
+    """Where Lightning will put the model (rank 0's device): the base model is evaluated there too."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def check_trainer(trainer_cfg) -> None:
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     strategy = str(trainer_cfg.get("strategy", "auto"))

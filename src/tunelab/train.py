@@ -18,7 +18,7 @@ from tunelab import rundir
 from tunelab.data.batching import TrackDataProgress
 from tunelab.eval.evaluator import baseline_results, eval_callbacks, evaluate
 from tunelab.eval.report import comparison, print_comparison, write_reports
-from tunelab.hardware import check_trainer
+from tunelab.hardware import check_trainer, training_device
 from tunelab.loggers import finish_loggers, remember_wandb_id
 from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
 from tunelab.models.export import save_base, save_final, save_merged
@@ -56,9 +56,10 @@ def base_model_path(cfg: DictConfig, model, run_dir: Path) -> str:
     return save_base(model, run_dir / "base_model")
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on a CUDA device, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -90,6 +91,7 @@ def train(cfg: DictConfig) -> dict:
 
     baselines = {}  # base (and few-shot base): evaluated before training, saved for a resume
     if evaluator.compare_base and rank_zero_only.rank == 0:
+        model.to(training_device(cfg.trainer))  # base and tuned are evaluated on the same device (a GPU if it trains there)
         baselines = baseline_results(evaluator, model, datamodule, run_dir, resuming=ckpt_path is not None)
     base = baselines["base"].metrics if "base" in baselines else {}
 
@@ -112,7 +114,7 @@ def train(cfg: DictConfig) -> dict:
         train_summary = {
             "fit_seconds": fit_seconds,
             "global_step": trainer.global_step,
-            "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb": peak_memory_mb(trainer.strategy.root_device),
             **params,
             **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         }

@@ -17,7 +17,11 @@ class Completion:
 
 
 def autocast(precision: str | None, device: torch.device):
+    device = torch.device(device)
     if precision in ("bf16", "bf16-mixed", "bfloat16"):
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            # torch raises for bf16 autocast on such a GPU (e.g. T4, V100); fp16 is its mixed precision
+            return torch.autocast("cuda", dtype=torch.float16)
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision in ("16", "16-mixed", "fp16") and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
