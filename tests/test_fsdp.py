@@ -40,8 +40,9 @@ def test_two_fsdp_processes_at_the_same_global_batch_match_one_process(tmp_path,
 
 
 @pytest.mark.slow
-def test_fsdp_resume_ends_with_the_weights_of_a_straight_run(tmp_path):
-    run = ["adapter=full", "data.batch_size=4", "callbacks.checkpoint.every_n_train_steps=2", *SAME_RUN]
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_fsdp_resume_ends_with_the_weights_of_a_straight_run(tmp_path, adapter):
+    run = [f"adapter={adapter}", "data.batch_size=4", "callbacks.checkpoint.every_n_train_steps=2", *SAME_RUN]
     run_ddp(tmp_path / "straight", *run, "trainer.max_steps=4", trainer="fsdp", timeout=600)
     run_ddp(tmp_path / "resumed", *run, "trainer.max_steps=2", trainer="fsdp", timeout=600)
     resumed = run_ddp(tmp_path / "resumed", *run, "trainer.max_steps=4", "ckpt_path=auto", "overwrite=true",
