@@ -43,18 +43,20 @@ def run_train(run_dir: Path, *overrides: str) -> dict:
     return train(make_cfg(run_dir, *overrides))
 
 
-def run_ddp(run_dir: Path, *overrides: str, timeout: int = 900) -> dict:
-    """Run the CLI with trainer=ddp (2 CPU processes) into run_dir; its metrics.json once both ranks ran.
+def run_ddp(run_dir: Path, *overrides: str, timeout: int = 900, trainer: str = "ddp") -> dict:
+    """Run the CLI with trainer=ddp or fsdp (2 CPU processes) into run_dir; its metrics.json once both ranks ran.
 
     A subprocess, since DDP launches its second rank by re-running the command line. PYTHONPATH holds the
-    repo root, so a config may point at test code (e.g. a reward function in tests/)."""
+    repo root, so a config may point at test code (e.g. a reward function in tests/), and its src/."""
     import os
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "tunelab.cli.train", *FAST, "trainer=ddp", *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "tunelab.cli.train", *FAST, f"trainer={trainer}", *overrides, f"hydra.run.dir={run_dir}"]
+    root = Path(__file__).resolve().parents[1]  # with src/: a checkout other than the installed one tests itself
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=run_dir.parent, env=env)
+    (run_dir.parent / f"{run_dir.name}.out").write_text(result.stdout + result.stderr)  # what it printed, beside it
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stderr + result.stdout  # Lightning's line for the second process
     return read_metrics(run_dir)

@@ -97,7 +97,7 @@ def test_help_lists_groups_and_examples():
     assert "adapter: full, lora" in out.stdout and "tunelab-train -m adapter=full,lora" in out.stdout
 
 
-@pytest.mark.parametrize("trainer, fragment", [("gpu", "no CUDA GPU"), ("fsdp", "trainer=fsdp"),
+@pytest.mark.parametrize("trainer, fragment", [("gpu", "no CUDA GPU"), ("cpu trainer.strategy=fsdp", "FSDP1 strategy"),
                                                ("deepspeed", "pip install deepspeed")])
 def test_trainers_this_machine_cannot_run_say_so(tmp_path, trainer, fragment):
     import torch
@@ -108,7 +108,7 @@ def test_trainers_this_machine_cannot_run_say_so(tmp_path, trainer, fragment):
     from tunelab.errors import TunelabError
 
     with pytest.raises(TunelabError, match=fragment):
-        run_train(tmp_path, f"trainer={trainer}")
+        run_train(tmp_path, *f"trainer={trainer}".split())
 
 
 def error_line(result) -> str:

@@ -161,6 +161,8 @@ def autocast_dtype(precision: str | None, device: torch.device) -> torch.dtype |
     if precision == AUTO:
         precision = auto_precision("gpu" if device.type == "cuda" else device.type).value
     if precision in BF16_SPELLINGS:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16  # torch refuses bf16 autocast on such GPUs (T4, V100); fp16 is their mixed precision
         return torch.bfloat16
     if precision in HALF_SPELLINGS and device.type == "cuda":
         return torch.float16
@@ -182,13 +184,20 @@ def resolve_trainer(cfg: DictConfig) -> None:
     log.info("device: %s, precision: %s (%s)", accelerator, precision.value, precision.reason)
 
 
+def training_device(trainer_cfg) -> torch.device:
+    """Where Lightning will put the model (rank 0's device): the base model is evaluated there too."""
+    return torch.device("cuda" if is_cuda(resolve_accelerator(trainer_cfg.get("accelerator"))) else "cpu")
+
+
 def check_trainer(trainer_cfg) -> None:
     accelerator = str(trainer_cfg.get("accelerator", AUTO))
     strategy = str(trainer_cfg.get("strategy", AUTO))
     if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         raise TunelabError("trainer=deepspeed needs the deepspeed package: pip install deepspeed (and a GPU)")
     if strategy.startswith("fsdp") and not cuda_visible():
-        raise TunelabError("trainer=fsdp shards over GPUs and none is visible; use trainer=ddp on CPU")
+        # Lightning's FSDPStrategy (FSDP1) raises "requires a GPU accelerator"; tunelab's FSDP2 strategy does not.
+        raise TunelabError(f"trainer.strategy={strategy} is Lightning's FSDP1 strategy, which needs a CUDA GPU; "
+                           "trainer=fsdp (FSDP2, tunelab.sharding) also runs on CPU processes")
     if is_cuda(accelerator) and not cuda_visible():
         raise TunelabError(f"trainer asks for accelerator={accelerator} but no CUDA GPU is visible; "
                            "use trainer=cpu (or trainer=ddp for several CPU processes)")

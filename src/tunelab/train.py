@@ -16,7 +16,7 @@ from tunelab import rundir
 from tunelab.data.batching import TrackDataProgress
 from tunelab.eval.evaluator import baseline_results, eval_callbacks, evaluate
 from tunelab.eval.report import comparison, print_comparison, write_reports
-from tunelab.hardware import check_trainer, resolve_trainer
+from tunelab.hardware import check_trainer, resolve_trainer, training_device
 from tunelab.interrupts import CheckpointOnInterrupt, install_outside_fit_handlers
 from tunelab.loggers import checkpoint_step, finish_loggers, keep_history, remember_wandb_id
 from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
@@ -24,6 +24,7 @@ from tunelab.models.export import save_base, save_final, save_merged
 from tunelab.models.loading import resolve_model_path
 from tunelab.progress import PlainProgress, interactive
 from tunelab.provenance import write_manifest
+from tunelab.sharding import check_shardable, full_model
 from tunelab.summary import TrainingSummary, reset_peak_memory
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,11 @@ def train(cfg: DictConfig) -> dict:
                          scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
     # A method whose output is not a text generator (a reward model) brings its own evaluator.
     evaluator = instantiate(cfg.method.get("evaluator") or cfg.eval, _convert_="all")
+    check_shardable(cfg.trainer, module, eval_callbacks(evaluator))
 
     baselines = {}  # base (and few-shot base): evaluated before training, saved for a resume
     if evaluator.compare_base and rank_zero_only.rank == 0:
+        model.to(training_device(cfg.trainer))  # base and tuned are evaluated on the same device (a GPU if it trains there)
         baselines = baseline_results(evaluator, model, datamodule, run_dir, resuming=ckpt_path is not None)
     base = baselines["base"].metrics if "base" in baselines else {}
 
@@ -120,13 +123,14 @@ def train(cfg: DictConfig) -> dict:
         if trainer.is_global_zero:
             remember_wandb_id(loggers, run_dir)
         fit(trainer, module, datamodule, ckpt_path, interrupt, run_dir)
+        trained = full_model(trainer, module.model)  # trainer=fsdp: the weights gathered from every rank
         if not trainer.is_global_zero:
             failed = False
             return {}
         train_summary = {**summary.summary(trainer), **params}
-        results = {**baselines, "tuned": evaluate(evaluator, "tuned", module.model, datamodule, run_dir)}
+        results = {**baselines, "tuned": evaluate(evaluator, "tuned", trained, datamodule, run_dir)}
         tuned = results["tuned"].metrics
-        result = finish_run(cfg, run_dir, module.model, tokenizer, datamodule, base, tuned, train_summary)
+        result = finish_run(cfg, run_dir, trained, tokenizer, datamodule, base, tuned, train_summary)
         title = f"{cfg.run_name}: base vs tuned on {evaluator.split}"
         result["metrics"] |= write_reports(run_dir, results, evaluator, title, loggers, {"run": str(run_dir)})
         for logger in loggers:

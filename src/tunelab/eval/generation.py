@@ -20,6 +20,7 @@ class Completion:
 
 def autocast(precision: str | None, device: torch.device):
     """Autocast for a precision setting (`auto`, `bf16-mixed`, `32-true`, ...) on `device`."""
+    device = torch.device(device)
     dtype = autocast_dtype(precision, device)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 

@@ -15,7 +15,7 @@ import re
 import urllib.error
 import urllib.request
 
-from tunelab.eval.metrics import mean
+from tunelab.eval.metrics import mean, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,18 @@ def local_judge_model(name_or_path: str):
 
 
 class LocalJudge:
-    """Replies from a local causal LM, through its chat template, greedy."""
+    """Replies from a local causal LM, through its chat template, greedy, on `device` (auto: the GPU if any)."""
 
-    def __init__(self, model: str, max_new_tokens: int = 64, batch_size: int = 8, precision: str | None = "auto"):
+    def __init__(self, model: str, max_new_tokens: int = 64, batch_size: int = 8, precision: str | None = "auto",
+                 device: str | None = "auto"):
         self.model, self.max_new_tokens, self.batch_size, self.precision = model, max_new_tokens, batch_size, precision
+        self.device = device
 
     def __call__(self, prompts: list[str]) -> list[str | None]:
         from tunelab.eval.generation import generate
 
         model, tokenizer = local_judge_model(self.model)
+        model.to(resolve_device(self.device))
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
         return generate(model, tokenizer, texts, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
@@ -105,7 +108,8 @@ class LLMJudge:
     def __init__(self, model: str = "embedded:smollm2-135m-instruct", url: str | None = None,
                  api_key: str | None = None, endpoint_model: str | None = None, rubric: str = DEFAULT_RUBRIC,
                  max_new_tokens: int = 64, batch_size: int = 8, precision: str | None = "auto",
-                 timeout: float = 30.0, client=None, name: str = "judge", examples_per_category: int = 3):
+                 timeout: float = 30.0, client=None, name: str = "judge", examples_per_category: int = 3,
+                 device: str | None = "auto"):
         for field in ("{prediction}",):
             if field not in rubric:
                 from tunelab.errors import TunelabError
@@ -117,7 +121,7 @@ class LLMJudge:
         elif url and api_key:
             self.client = EndpointJudge(url, api_key, endpoint_model or model, max_new_tokens, timeout)
         else:
-            self.client = LocalJudge(model, max_new_tokens, batch_size, precision)
+            self.client = LocalJudge(model, max_new_tokens, batch_size, precision, device)
 
     def __call__(self, predictions: list[str], references: list[str], prompts: list[str] | None = None, **context):
         prompts = prompts or [""] * len(predictions)

