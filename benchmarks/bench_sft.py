@@ -30,12 +30,12 @@ import workload  # noqa: E402
 
 LORA_RUNNERS = {
     "tunelab": [],
-    "tunelab+ckpt": ["method.module.gradient_checkpointing=true"],
+    "tunelab+ckpt": ["runtime.gradient_checkpointing=true"],
     "trl-defaults": [],
     "trl-best": [],
 }
 # TRL's defaults checkpoint activations; tunelab+ckpt is tunelab at that same setting.
-FULL_RUNNERS = {"tunelab": [], "tunelab+ckpt": ["method.module.gradient_checkpointing=true"], "trl-defaults": [],
+FULL_RUNNERS = {"tunelab": [], "tunelab+ckpt": ["runtime.gradient_checkpointing=true"], "trl-defaults": [],
                 "trl-best": []}
 
 

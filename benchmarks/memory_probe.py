@@ -6,7 +6,7 @@ Runs tunelab's runner of bench_sft.py (same workload, same config) in this proce
 with a 2 ms RSS sampler in a thread, and prints RSS (MB) after imports, model load, data, adapter,
 and at the start/end of forward, backward and optimizer step, plus the highest sample of each step
 and the process's high-water mark (VmHWM). Extra arguments are tunelab overrides
-(e.g. method.module.gradient_checkpointing=true).
+(e.g. runtime.gradient_checkpointing=true).
 """
 
 from __future__ import annotations
@@ -61,13 +61,10 @@ def main() -> None:
 
     mark("start")
     import pytorch_lightning as pl
-    import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     import runners
     import workload
-    from tunelab.models.adapters import apply_adapter
+    from tunelab.run.assemble import build_datamodule, build_module, build_trainer, finalize, load_model
 
     mark("imports")
     work = Path("/tmp/tunelab-bench")
@@ -75,17 +72,13 @@ def main() -> None:
     data = workload.write(work / "pairs.jsonl", n=args.examples)
     spec = {"mode": args.mode, "data": str(data), "warmup": 0, "timed": args.steps, "block": args.steps,
             "batch_size": 8, "max_length": 256, "trainer": "cpu", "overrides": args.overrides, "work": str(work / "probe")}
-    cfg = runners.compose(spec)
+    cfg = finalize(runners.compose(spec))
     pl.seed_everything(cfg.seed)
-    model, tokenizer = instantiate(cfg.model, _convert_="all")
+    model, tokenizer = load_model(cfg)
     mark("model loaded")
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
-                             tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
-    datamodule.setup("fit")
+    datamodule = build_datamodule(cfg, tokenizer)
     mark("data set up")
-    model = apply_adapter(model, instantiate(cfg.adapter, _convert_="all"))
-    module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
-                         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
+    module = build_module(cfg, model, tokenizer)
     mark("adapter + module")
     by_dtype: dict[str, float] = {}
     for p in module.parameters():
@@ -111,8 +104,8 @@ def main() -> None:
             highs.append(sampler.take())
             mark(f"step {batch_idx} end (optimizer high {highs[-1]:.0f})")
 
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[Probe()], enable_checkpointing=False,
-                          default_root_dir=spec["work"], _convert_="all")
+    trainer = build_trainer(cfg, logger=False, callbacks=[Probe()], enable_checkpointing=False,
+                            default_root_dir=spec["work"])
     trainer.fit(module, datamodule=datamodule)
     sampler.stop = True
     print(f"VmHWM (whole process) {status('VmHWM'):.0f} MB; now RssAnon {status('RssAnon'):.0f} MB, "

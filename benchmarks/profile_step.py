@@ -4,7 +4,7 @@
 
 Same workload and config as bench_sft.py's tunelab runner; prints the operators by self CPU time
 and a coarse split (matmul, attention, dtype casts, elementwise, optimizer, rest). Extra arguments
-are tunelab overrides (e.g. method.module.frozen_weights_dtype=null).
+are tunelab overrides (e.g. runtime.frozen_weights_dtype=null).
 """
 
 from __future__ import annotations
@@ -35,26 +35,20 @@ def main() -> None:
     args = ap.parse_args()
 
     import pytorch_lightning as pl
-    import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
     from torch.profiler import ProfilerActivity, profile
 
     import runners
     import workload
-    from tunelab.models.adapters import apply_adapter
+    from tunelab.run.assemble import assemble, build_trainer, finalize
 
     work = Path("/tmp/tunelab-bench")
     work.mkdir(parents=True, exist_ok=True)
     data = workload.write(work / "pairs.jsonl", n=480)
     spec = {"mode": args.mode, "data": str(data), "warmup": args.warmup, "timed": args.steps, "block": args.steps,
             "batch_size": 8, "max_length": 256, "trainer": "cpu", "overrides": args.overrides, "work": str(work / "profile")}
-    cfg = runners.compose(spec)
-    pl.seed_everything(cfg.seed)
-    model, _, datamodule = runners.build_data(cfg)
-    model = apply_adapter(model, instantiate(cfg.adapter, _convert_="all"))
-    module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
-                         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
+    cfg = finalize(runners.compose(spec))
+    parts = assemble(cfg)
+    module, datamodule = parts.module, parts.datamodule
     prof = profile(activities=[ProfilerActivity.CPU])
 
     class Window(pl.Callback):
@@ -66,8 +60,8 @@ def main() -> None:
             if batch_idx == args.warmup + args.steps - 1:
                 prof.__exit__(None, None, None)
 
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[Window()], enable_checkpointing=False,
-                          default_root_dir=spec["work"], _convert_="all")
+    trainer = build_trainer(cfg, logger=False, callbacks=[Window()], enable_checkpointing=False,
+                            default_root_dir=spec["work"])
     trainer.fit(module, datamodule=datamodule)
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -96,8 +96,8 @@ def peak_memory_mb() -> float:
 def heldout_loss(model, datamodule) -> float:
     """Token-weighted loss on the fixed test split, the same forward (tunelab's precision for this machine)
     and function for every runner."""
-    from tunelab.eval.generation import autocast
-    from tunelab.methods.base import token_loss_sum
+    from tunelab.core.inference import autocast
+    from tunelab.core.losses import token_loss_sum
 
     device = next(model.parameters()).device
     was = model.training
@@ -114,40 +114,31 @@ def heldout_loss(model, datamodule) -> float:
 
 
 def build_data(cfg):
-    from hydra.utils import instantiate
+    from tunelab.run.assemble import build_datamodule, load_model
 
-    model, tokenizer = instantiate(cfg.model, _convert_="all")
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
-                             tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
-    datamodule.setup("fit")
-    return model, tokenizer, datamodule
+    model, tokenizer = load_model(cfg)
+    return model, tokenizer, build_datamodule(cfg, tokenizer)
 
 
 def run_tunelab(spec: dict, baton: Baton):
     import pytorch_lightning as pl
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from tunelab.hardware import resolve_trainer
-    from tunelab.models.adapters import apply_adapter
+    from tunelab.run.assemble import assemble, build_trainer, finalize
 
-    cfg = compose(spec)
-    resolve_trainer(cfg)
-    pl.seed_everything(cfg.seed)
-    model, _, datamodule = build_data(cfg)
-    model = apply_adapter(model, instantiate(cfg.adapter, _convert_="all"))
-    module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
-                         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
+    cfg = finalize(compose(spec))
+    parts = assemble(cfg)
+    module, datamodule = parts.module, parts.datamodule
 
     class Timer(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             baton.step_end(batch["attention_mask"], batch["labels"], float(outputs["loss"]))
 
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[Timer()], enable_checkpointing=False,
-                          default_root_dir=spec["work"], _convert_="all")
+    trainer = build_trainer(cfg, logger=False, callbacks=[Timer()], enable_checkpointing=False,
+                            default_root_dir=spec["work"])
     baton.wait()
     trainer.fit(module, datamodule=datamodule)
-    return module.model, datamodule, {"settings": OmegaConf.to_container(cfg.method.module) | {
+    return module.model, datamodule, {"settings": OmegaConf.to_container(cfg.method.module) | OmegaConf.to_container(cfg.runtime) | {
         "precision": cfg.trainer.precision, "group_by_length": cfg.data.group_by_length, "lr": cfg.optimizer.lr}}
 
 
@@ -278,7 +269,8 @@ def bench_generation(work: Path, data: Path, args, prompts: int = 24, new_tokens
 
     Same model, tunelab's precision for this machine, greedy, same prompts; the two take turns for `rounds` rounds.
     """
-    from tunelab.eval.generation import autocast, generate
+    from tunelab.core.generation import generate
+    from tunelab.core.inference import autocast
 
     spec = {"mode": "generate", "data": str(data), "warmup": 0, "timed": 1, "batch_size": args.batch_size,
             "max_length": args.max_length, "trainer": args.trainer}

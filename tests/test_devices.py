@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from tunelab.eval.generation import autocast
+from tunelab.core.inference import autocast
 from tunelab.eval.metrics import resolve_device
 from tunelab.hardware import training_device
 
@@ -63,7 +63,7 @@ def test_local_judge_moves_its_model_to_the_resolved_device(monkeypatch, cuda):
             return "prompt"
 
     monkeypatch.setattr(judge, "local_judge_model", lambda name: (FakeModel(), FakeTokenizer()))
-    monkeypatch.setattr("tunelab.eval.generation.generate", lambda *args, **kwargs: ["Score: 3"])
+    monkeypatch.setattr("tunelab.core.generation.generate", lambda *args, **kwargs: ["Score: 3"])
     cuda(True)
     assert judge.LocalJudge("any")(["q"]) == ["Score: 3"]
     assert judge.LocalJudge("any", device="cpu")(["q"]) == ["Score: 3"]

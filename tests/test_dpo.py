@@ -273,3 +273,28 @@ def test_dpo_on_two_ddp_processes_matches_one_process_at_the_global_batch(tmp_pa
     assert ddp["tuned"]["test/loss"] != pytest.approx(LN2, abs=1e-3)
     assert ddp["tuned"]["test/loss"] == pytest.approx(single["tuned"]["test/loss"], rel=1e-4)
     assert ddp["train"]["val/loss"] == pytest.approx(single["train"]["val/loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_gradient_checkpointing_gives_dpo_the_same_loss_and_gradients(tiny, pairs_data, adapter):
+    """runtime.gradient_checkpointing reaches every method through the assembler, DPO included."""
+    import copy
+
+    from tunelab.runtime import apply_runtime
+
+    model = policy(tiny[0], adapter)
+    plain = DPOModule(model, optimizer(1e-3))
+    checkpointed = DPOModule(copy.deepcopy(model), optimizer(1e-3))
+    apply_runtime(checkpointed, {"gradient_checkpointing": True})
+    assert checkpointed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    batch = next(iter(pairs_data.loader("train", train=False, shard=False)))
+    grads = []
+    for module in (plain, checkpointed):
+        module.model.train()
+        loss, _ = module.step_stats(batch)
+        loss.backward()
+        grads.append({n: p.grad for n, p in module.model.named_parameters() if p.grad is not None})
+        grads[-1]["loss"] = loss.detach()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 1
+    for name, value in grads[0].items():
+        torch.testing.assert_close(grads[1][name], value, rtol=1e-4, atol=1e-6, msg=name)

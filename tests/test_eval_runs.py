@@ -227,3 +227,21 @@ def test_zero_vs_few_shot_of_any_model_is_headed_so_in_the_order_of_report_md(tm
     report = (tmp_path / "report.md").read_text().splitlines()
     assert next(line for line in report if line.startswith("| metric")) == \
         "| metric | model (zero-shot) | few-shot base | Δ few-shot base − model (zero-shot) |"
+
+
+@pytest.mark.parametrize("method, headline", [("dpo", "test/accuracy"), ("reward", "test/accuracy"),
+                                              ("contrastive", "test/accuracy_at_1"), ("ppo", "test/reward")])
+def test_evaluate_on_a_run_of_any_method_reports_that_methods_own_metrics(tmp_path, method, headline):
+    """One assembler: the run's own loader, data kind and evaluator, so re-evaluating gives its training's report."""
+    from tunelab.train import train
+
+    model = ["model=tiny_sentence_transformer"] if method == "contrastive" else []
+    run = tmp_path / "run"
+    run.mkdir()
+    train(compose_job("train", run, ["debug=fast", f"method={method}", *model, "trainer.max_steps=2",
+                                     "trainer.enable_progress_bar=false"]))
+    trained = json.loads((run / "metrics.json").read_text())
+    evaluated = run_evaluate(tmp_path / "evaluate", f"target={run}")
+    assert headline in evaluated["tuned"]
+    assert evaluated["tuned"][headline] == pytest.approx(trained["tuned"][headline], rel=1e-5, abs=1e-6)
+    assert "test/rougeL" not in evaluated["tuned"]  # not the generation evaluator of SFT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -188,6 +189,12 @@ def test_ppo_run_end_to_end_writes_metrics_and_a_loadable_policy(tmp_path):
     assert {"test/reward", "test/response_words"} <= set(metrics["tuned"])
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     assert any(r.get("ppo/kl") for r in rows)
+    # The method's Trainer pins are what the run records: PPO optimises manually, so no automatic clipping.
+    from omegaconf import OmegaConf
+
+    recorded = OmegaConf.load(run_dir / "resolved_config.yaml")
+    assert recorded.trainer.gradient_clip_val is None
+    assert json.loads((run_dir / "provenance.json").read_text())["config"]["trainer"]["gradient_clip_val"] is None
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final") is not None

@@ -16,14 +16,15 @@ from tunelab import rundir
 from tunelab.data.batching import TrackDataProgress
 from tunelab.eval.evaluator import baseline_results, eval_callbacks, evaluate
 from tunelab.eval.report import comparison, print_comparison, write_reports
-from tunelab.hardware import check_trainer, resolve_trainer, training_device
+from tunelab.hardware import training_device
 from tunelab.interrupts import CheckpointOnInterrupt, install_outside_fit_handlers
 from tunelab.loggers import checkpoint_step, finish_loggers, keep_history, remember_wandb_id
-from tunelab.models.adapters import apply_adapter, count_parameters, is_peft
+from tunelab.models.adapters import is_peft
 from tunelab.models.export import save_base, save_final, save_merged
 from tunelab.models.loading import resolve_model_path
 from tunelab.progress import PlainProgress, interactive
 from tunelab.provenance import write_manifest
+from tunelab.run.assemble import assemble, build_evaluator, build_trainer, finalize
 from tunelab.sharding import check_shardable, full_model
 from tunelab.summary import TrainingSummary, reset_peak_memory
 
@@ -78,29 +79,17 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     install_outside_fit_handlers()  # a SIGTERM before or after fit still ends as a reported interruption
     reset_peak_memory()  # this run's own peak, also when a multirun runs jobs in one process
-    check_trainer(cfg.trainer)  # first: resolving precision for a GPU asks CUDA, which a CPU-only torch asserts on
-    resolve_trainer(cfg)  # `auto` accelerator/precision become concrete values before anything is saved
+    finalize(cfg)  # concrete device/precision and the method's Trainer pins, before anything is saved
     ckpt_path = rundir.resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     rundir.guard(run_dir, cfg.overwrite, resuming=ckpt_path is not None)
     if rank_zero_only.rank == 0:
         OmegaConf.save(cfg, run_dir / "resolved_config.yaml", resolve=True)
 
-    pl.seed_everything(cfg.seed, workers=True)
-    model, tokenizer = instantiate(cfg.model, _convert_="all")
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
-                             tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
-    datamodule.setup("fit")  # data errors surface now, before anything slow
+    parts = assemble(cfg)
+    model, tokenizer, datamodule, module = parts.module.model, parts.tokenizer, parts.datamodule, parts.module
     write_manifest(cfg, run_dir, tokenizer, datamodule, resuming=ckpt_path is not None)  # provenance.json
-    adapter = instantiate(cfg.adapter, _convert_="all")
-    if cfg.method.get("prepare"):  # methods that reshape the network first (e.g. a reward head)
-        model, adapter = instantiate(cfg.method.prepare, _convert_="all")(model, tokenizer, adapter)
-    model = apply_adapter(model, adapter)
-    params = count_parameters(model)
-    log.info("parameters: %(trainable_params)d trainable of %(total_params)d", params)
-    module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
-                         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
-    # A method whose output is not a text generator (a reward model) brings its own evaluator.
-    evaluator = instantiate(cfg.method.get("evaluator") or cfg.eval, _convert_="all")
+    log.info("parameters: %(trainable_params)d trainable of %(total_params)d", parts.params)
+    evaluator = build_evaluator(cfg)
     check_shardable(cfg.trainer, module, eval_callbacks(evaluator))
 
     baselines = {}  # base (and few-shot base): evaluated before training, saved for a resume
@@ -111,13 +100,11 @@ def train(cfg: DictConfig) -> dict:
 
     loggers = build_loggers(cfg, resuming=ckpt_path is not None)
     keep_history(loggers, checkpoint_step(ckpt_path))
-    # A method may pin Trainer arguments its loop needs (PPO's manual optimization clips by itself).
-    pinned = OmegaConf.to_container(cfg.method.trainer, resolve=True) if cfg.method.get("trainer") else {}
     interrupt, summary = CheckpointOnInterrupt(run_dir / rundir.CHECKPOINTS), TrainingSummary()
     callbacks = build_callbacks(cfg, bool(loggers)) + [interrupt, summary] + eval_callbacks(evaluator)
-    pinned.setdefault("enable_progress_bar", bool(cfg.trainer.get("enable_progress_bar")) and interactive())
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks,
-                                      default_root_dir=str(run_dir), _convert_="all", **pinned)
+    progress_bar = bool(cfg.trainer.get("enable_progress_bar")) and interactive()
+    trainer: pl.Trainer = build_trainer(cfg, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
+                                        enable_progress_bar=progress_bar)
     failed = True
     try:
         if trainer.is_global_zero:
@@ -127,7 +114,7 @@ def train(cfg: DictConfig) -> dict:
         if not trainer.is_global_zero:
             failed = False
             return {}
-        train_summary = {**summary.summary(trainer), **params}
+        train_summary = {**summary.summary(trainer), **parts.params}
         results = {**baselines, "tuned": evaluate(evaluator, "tuned", trained, datamodule, run_dir)}
         tuned = results["tuned"].metrics
         result = finish_run(cfg, run_dir, trained, tokenizer, datamodule, base, tuned, train_summary)

@@ -57,7 +57,8 @@ class Session:
     def reply(self, text: str, out) -> str:
         import torch
 
-        from tunelab.eval.generation import autocast, stop_token_ids
+        from tunelab.core.generation import stop_token_ids
+        from tunelab.core.inference import autocast
 
         inputs = self.tokenizer(self.prompt(text), return_tensors="pt", add_special_tokens=False).to(self.model.device)
         streamer = TextStream(self.tokenizer, out) if out is not None else None

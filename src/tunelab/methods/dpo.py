@@ -22,7 +22,7 @@ from torchmetrics import SumMetric
 
 from tunelab.data.tokenize import IGNORE
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import autocast
+from tunelab.core.inference import autocast
 from tunelab.methods.base import LanguageModelModule
 from tunelab.models.adapters import is_peft
 

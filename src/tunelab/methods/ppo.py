@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import autocast
+from tunelab.core.inference import autocast
 from tunelab.methods.base import LanguageModelModule
 from tunelab.methods.reward import HEAD, position_ids, unwrap
 from tunelab.methods.rewards import check_scores, describe
@@ -332,7 +332,7 @@ class PPOModule(LanguageModelModule):
             advantages = masked_whiten(advantages, mask) * mask
         return advantages, returns, kl
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         r, prompts, references = self.rollout(batch)
@@ -356,7 +356,7 @@ class PPOModule(LanguageModelModule):
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "value_clipfrac": vf_clipfrac,
+                for key, value in {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss, "value_clipfrac": vf_clipfrac,
                                    "entropy": masked_mean(entropy, m), **pg_stats}.items():
                     stats.setdefault(key, []).append(float(value.detach()))
                 if epoch == 0 and number == 0:
@@ -364,6 +364,8 @@ class PPOModule(LanguageModelModule):
                     stats["first_ratio_max_deviation"] = [float(deviation.max().detach())]
         self.log_update(r, kl, returns, stats, prompts, references)
         self.kl.update(float((kl.sum(-1)).mean()), len(r.query) * self.trainer.world_size)
+        # The update's mean loss, for callbacks that trace training (tunelab-verify); already backpropagated.
+        return {"loss": torch.tensor(sum(stats["loss"]) / len(stats["loss"]))}
 
     def log_update(self, r: Rollout, kl, returns, stats, prompts, references) -> None:
         mask = r.mask.float()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 
 from tunelab.errors import TunelabError
-from tunelab.eval.generation import autocast
+from tunelab.core.inference import autocast
 from tunelab.methods.base import LanguageModelModule
 
 HEAD = "score"  # transformers' name for the sequence-classification head of decoder models

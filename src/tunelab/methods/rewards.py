@@ -77,7 +77,7 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], references=None) -> torch.Tensor:
-        from tunelab.eval.generation import autocast
+        from tunelab.core.inference import autocast
         from tunelab.methods.reward import reward_scores
 
         device = next(self.model.parameters()).device

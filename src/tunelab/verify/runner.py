@@ -19,8 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning import Callback
 
 from tunelab.data.batching import TrackDataProgress
-from tunelab.hardware import resolve_trainer
-from tunelab.models.adapters import apply_adapter
+from tunelab.run.assemble import assemble, build_trainer, finalize
 
 
 def compose_train_cfg(overrides: list[str], run_dir: Path) -> DictConfig:
@@ -107,17 +106,9 @@ class StopAfter(Callback):
 
 
 def build_parts(cfg: DictConfig):
-    """(module, datamodule) built exactly as train.py builds them."""
-    resolve_trainer(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    model, tokenizer = instantiate(cfg.model, _convert_="all")
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
-                             tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
-    datamodule.setup("fit")
-    model = apply_adapter(model, instantiate(cfg.adapter, _convert_="all"))
-    module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
-                         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
-    return module, datamodule
+    """(module, datamodule) built by the assembler `tunelab-train` uses, so every method verifies as it trains."""
+    parts = assemble(finalize(cfg))
+    return parts.module, parts.datamodule
 
 
 def short_fit(cfg: DictConfig, work_dir: Path, stop_after: int | None = None, save_every: int | None = None,
@@ -136,9 +127,9 @@ def short_fit(cfg: DictConfig, work_dir: Path, stop_after: int | None = None, sa
             "dirpath": str(work_dir / "checkpoints"), "every_n_train_steps": save_every,
             "save_top_k": -1, "save_last": False, "filename": "{step}"})
         callbacks.append(instantiate(checkpoint_cfg, _convert_="all"))
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, default_root_dir=str(work_dir),
-                          enable_checkpointing=bool(save_every), enable_progress_bar=False,
-                          enable_model_summary=False, _convert_="all")
+    trainer = build_trainer(cfg, logger=False, callbacks=callbacks, default_root_dir=str(work_dir),
+                            enable_checkpointing=bool(save_every), enable_progress_bar=False,
+                            enable_model_summary=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     trace = recorder.trace()
     trace.module, trace.datamodule = module, datamodule

@@ -1,13 +1,14 @@
-"""Batched greedy (or sampled) generation with left padding and the KV cache."""
+"""The one generation engine: batched greedy (or sampled) generation with left padding and the KV cache,
+used by evaluation, the judge, chat and the benchmarks (HF `generate` today; a faster engine can fill
+the same two functions)."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from tunelab.hardware import autocast_dtype
+from tunelab.core.inference import autocast
 from tunelab.progress import progress_bar
 
 
@@ -16,13 +17,6 @@ class Completion:
     text: str
     finished: bool     # ended with an end-of-turn/EOS token before max_new_tokens ran out
     new_tokens: int
-
-
-def autocast(precision: str | None, device: torch.device):
-    """Autocast for a precision setting (`auto`, `bf16-mixed`, `32-true`, ...) on `device`."""
-    device = torch.device(device)
-    dtype = autocast_dtype(precision, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

@@ -1,0 +1,1 @@
+"""Turning a composed config into a run: the one assembler."""
