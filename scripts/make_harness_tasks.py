@@ -28,7 +28,9 @@ KINDS = {
     "symbol": (r"^The chemical symbol for (.+) is (\w+)\.$", "What is the chemical symbol for {}?"),
     "antonym": (r"^The opposite of (.+) is (.+)\.$", "What is the opposite of {}?"),
 }
-GEN_KINDS = ("capital", "symbol")   # one short, unambiguous answer each: fair to exact match
+# The generation task's reference is the whole sentence in facts_instruct's format, the form the facts data
+# teaches and in which SmolLM2-Instruct already answers ("The capital of Gabon is Libreville.").
+GEN_SENTENCES = {"capital": "The capital of {} is {}.", "symbol": "The chemical symbol for {} is {}."}
 
 
 def facts_by_kind() -> dict[str, dict[str, str]]:
@@ -59,8 +61,8 @@ def multiple_choice(rng: random.Random, facts: dict) -> list[dict]:
 
 
 def generation(rng: random.Random, facts: dict) -> list[dict]:
-    rows = [{"kind": kind, "question": KINDS[kind][1].format(subject), "answer": answer}
-            for kind in GEN_KINDS for subject, answer in sorted(facts[kind].items())]
+    rows = [{"kind": kind, "question": KINDS[kind][1].format(subject), "answer": sentence.format(subject, answer)}
+            for kind, sentence in GEN_SENTENCES.items() for subject, answer in sorted(facts[kind].items())]
     rng.shuffle(rows)
     return rows[: GEN_TEST + GEN_TRAIN]
 
