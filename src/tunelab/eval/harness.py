@@ -56,6 +56,9 @@ def manager_for(tasks: list[str]):
     if not tasks:
         raise TunelabError("eval.harness.tasks is empty; give one or more lm-eval task names, "
                            "e.g. \"eval.harness.tasks=[tunelab_facts_mc]\"")
+    for path in (t for t in tasks if Path(t).suffix == ".yaml" and not Path(t).expanduser().is_file()):
+        raise TunelabError(f"eval.harness.tasks: task file {path} does not exist; give an lm-eval task name or "
+                           "the path of a task YAML")
     local = set(local_task_names())
     names = [t for t in tasks if not Path(t).suffix == ".yaml"]
     if all(name in local for name in names):
