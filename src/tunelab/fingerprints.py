@@ -51,3 +51,38 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def template_fingerprint(tokenizer, template: str) -> str:
     """What renders a conversation to text: the prompt template, or the tokenizer's chat template."""
     return digest(template, chat_template_fingerprint(tokenizer) if template == "chat" else None)
+
+
+def parameter_name(name: str) -> str:
+    """A PEFT-wrapped weight's name as the plain model calls it (base_model.model.x.base_layer.weight -> x.weight)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def is_adapter_weight(name: str) -> bool:
+    return "lora_" in name
+
+
+def adapter_is_identity(state: dict) -> bool:
+    """A LoRA whose every B matrix is zero adds exactly nothing: a freshly attached adapter computes the base model."""
+    b_weights = [t for n, t in state.items() if "lora_B" in n or "lora_embedding_B" in n]
+    return bool(b_weights) and all(not t.any() for t in b_weights)
+
+
+def model_fingerprint(model) -> str:
+    """The function a model computes, by its weights' names, dtypes, shapes and bytes.
+
+    A freshly attached LoRA is left out (it is the identity), and PEFT's names are mapped to the plain
+    model's, so a study's base model hashes the same under full fine-tuning, under LoRA at any seed and
+    when `tunelab-evaluate` loads it alone: its harness scores are computed once."""
+    import torch
+
+    state = model.state_dict()
+    skip_adapter = adapter_is_identity(state)
+    sha = hashlib.sha256()
+    for name in sorted(state, key=parameter_name):
+        if skip_adapter and is_adapter_weight(name):
+            continue
+        tensor = state[name].detach().to("cpu").contiguous()
+        sha.update(f"{parameter_name(name)}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return sha.hexdigest()

@@ -24,6 +24,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("transformers", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # lm-eval warns on every call that a model object (not a hub name) was passed, which is how tunelab uses it.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 def die(message: str, code: int = 2) -> None:
@@ -134,6 +136,7 @@ def preflight(argv: list[str], config_name: str) -> None:
         checks.check_config(cfg)
         check_machine(cfg)
         hub.check_hub_names(cfg)  # before anything else may import datasets with its online settings
+        check_harness_tasks(cfg)
         check_data_file(cfg)
         check_override_keys(cfg, concrete)
     except TunelabError:
@@ -188,6 +191,18 @@ def check_machine(cfg) -> None:
 
     if cfg.get("trainer") is not None:
         check_trainer(cfg.trainer)
+
+
+def check_harness_tasks(cfg) -> None:
+    """eval=lm_eval: an unknown task name, or a hub task whose data cannot be had offline, before the run dir."""
+    from omegaconf import OmegaConf
+
+    tasks = OmegaConf.select(cfg, "eval.harness.tasks", default=None)
+    if tasks is None:
+        return
+    from tunelab.eval.harness import check_tasks
+
+    check_tasks(list(tasks))
 
 
 def check_data_file(cfg) -> None:

@@ -46,7 +46,7 @@ class Evaluator:
     def __init__(self, split: str = "test", metrics: dict | None = None, max_examples: int | None = 64,
                  batch_size: int = 16, precision: str | None = "auto", generation: dict | None = None,
                  compare_base: bool = True, few_shot: dict | None = None, during_training: dict | None = None,
-                 report: dict | None = None, review: dict | None = None):
+                 report: dict | None = None, review: dict | None = None, harness=None):
         self.split = split
         self.metrics = {k: v for k, v in (metrics or {}).items() if v is not None}
         self.max_examples = max_examples
@@ -58,6 +58,7 @@ class Evaluator:
         self.during_training = {"every_n_epochs": 0, "split": "val", "max_examples": 16, **(during_training or {})}
         self.report = {"samples": 8, "per_example_table": True, **(report or {})}
         self.review = {"export": True, "seed": 0, **(review or {})}
+        self.harness = harness  # a tunelab.eval.harness.Harness (eval=lm_eval), or None
 
     @torch.no_grad()
     def loss(self, model, datamodule, split: str | None = None) -> dict[str, float]:
@@ -165,6 +166,10 @@ class Evaluator:
         metrics = self.loss(model, datamodule)
         result = self.predictions(model, datamodule, stream_to=stream_to)
         result.metrics = {**metrics, **result.metrics}
+        if self.harness is not None:  # standard benchmarks beside the task metrics, on the same model object
+            scores, summary = self.harness(model, datamodule.tokenizer, self.precision)
+            result.metrics |= scores
+            result.summaries["harness"] = summary
         return result
 
     def run_few_shot(self, model, datamodule, stream_to: Path | None = None) -> EvalResult | None:

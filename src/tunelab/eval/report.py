@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-LOWER_IS_BETTER = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")  # perplexity also covers lm-eval's word_/byte_perplexity
 NOT_SCORES = ("new_tokens", "index")
 LABELS = {"base": "base", "few_shot": "few-shot base", "tuned": "tuned", "model": "model (zero-shot)"}
 

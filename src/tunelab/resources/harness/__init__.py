@@ -1,0 +1,1 @@
+"""lm-eval tasks shipped with tunelab (YAML + JSONL), found through TaskManager(include_path=this folder)."""
