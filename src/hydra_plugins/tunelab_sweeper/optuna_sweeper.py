@@ -117,8 +117,14 @@ def sqlite_storage(url):
         return url
     import optuna
 
-    Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 300}})
+    import fcntl
+
+    path = Path(url[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # workers started together on a new study would all create its tables at once: one at a time
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 300}})
 
 
 if PluginOptunaSweeper is not None:

@@ -24,7 +24,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     # conf/hydra/sweeper/basic.yaml replaces Hydra's basic sweeper by the ledger's (same schema, + _target_),
     # so that experiment and sweep configs can still pick another sweeper; Hydra warns about the shared name.
-    warnings.filterwarnings("ignore", message=".*hydra/sweeper/basic' is validated against ConfigStore schema.*")
+    warnings.filterwarnings("ignore", message="(?s).*hydra/sweeper/basic' is validated against ConfigStore schema.*")
     for name in ("transformers", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
