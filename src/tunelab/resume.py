@@ -20,7 +20,7 @@ from tunelab.errors import TunelabError
 
 # Overrides that change nothing a checkpoint holds: where results go and how they are shown.
 HARMLESS = ("ckpt_path", "hydra", "logger", "eval", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
-            "tags", "merge", "merge_tolerance", "reproduce_rtol", "overwrite")
+            "tags", "merge", "merge_tolerance", "reproduce_rtol", "overwrite", "ledger")
 RECORDED = Path(".hydra") / "overrides.yaml"
 
 

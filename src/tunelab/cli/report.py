@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         print(report.markdown_path.read_text().split("## Every run")[0].rstrip())
         print(f"\nreport: {report.markdown_path} (plots: {', '.join(p.name for p in report.plots.values())})")
         if args.wandb_report:
-            url = create_wandb_report(report.comparison.runs, args.title or "tunelab study", args.wandb_project,
+            url = create_wandb_report(report.comparison, args.title or "tunelab study", args.wandb_project,
                                       args.wandb_entity, report.metrics)
             print(f"W&B report: {url}")
         elif report.hint:

@@ -18,33 +18,44 @@ log = logging.getLogger("tunelab")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_entry(cfg: DictConfig) -> float | None:
+    from tunelab.multirun import sweep_job
+    from tunelab.study.trial import recorded_trial
+
+    # multirun: W&B tags/name from the swept values; DDP children run this job only; the ledger's row
+    with sweep_job(cfg), recorded_trial(cfg) as trial:
+        value = run_job(cfg)
+        if trial is not None:
+            trial.value = value
+        return value
+
+
+def run_job(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     from tunelab import rundir
     from tunelab.interrupts import RunInterrupted
-    from tunelab.multirun import optimized_value, sweep_job
+    from tunelab.multirun import optimized_value
     from tunelab.train import train
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
-    with sweep_job(cfg):  # multirun: W&B tags/name from the swept values; DDP children run this job only
+    try:
         try:
-            try:
-                return optimized_value(train(cfg), cfg.get("optimized_metric"), strict=multirun)
-            except Exception as err:
-                raise user_error(err) or err
-        except RunInterrupted as err:
-            rundir.mark_failed(Path(cfg.paths.run_dir), err.message)
-            print(err.message, file=sys.stderr)
-            raise
-        except TunelabError as err:
-            rundir.mark_failed(Path(cfg.paths.run_dir), str(err))
-            if multirun:  # the sweep goes on; this job is reported as failed
-                log.error("run failed: %s", err)
-                return float("nan")
-            die(str(err), err.exit_code)
-        except BaseException as err:
-            rundir.mark_failed(Path(cfg.paths.run_dir), f"{type(err).__name__}: {err}")
-            raise
+            return optimized_value(train(cfg), cfg.get("optimized_metric"), strict=multirun)
+        except Exception as err:
+            raise user_error(err) or err
+    except RunInterrupted as err:
+        rundir.mark_failed(Path(cfg.paths.run_dir), err.message)
+        print(err.message, file=sys.stderr)
+        raise
+    except TunelabError as err:
+        rundir.mark_failed(Path(cfg.paths.run_dir), str(err))
+        if multirun:  # the sweep goes on; this job is reported as failed
+            log.error("run failed: %s", err)
+            return float("nan")
+        die(str(err), err.exit_code)
+    except BaseException as err:
+        rundir.mark_failed(Path(cfg.paths.run_dir), f"{type(err).__name__}: {err}")
+        raise
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from tunelab.errors import TunelabError
-from tunelab.report.runs import DIVERGED, FAILED, FINISHED, INCOMPLETE, Run
+from tunelab.report.runs import DIVERGED, FAILED, FINISHED, INCOMPLETE, NOT_DONE, Run
 
 # Values that name the run rather than configure it: never a reason to split or to warn.
 LABEL_KEYS = ("run_name", "tags", "study", "overwrite", "ckpt_path")
@@ -96,7 +96,7 @@ def group_label(values: dict, keys: list[str]) -> str:
 def compare(runs: list[Run], seed_keys: tuple[str, ...] = ("seed",)) -> Comparison:
     if not runs:
         raise TunelabError("no runs to compare")
-    differing = differing_config_keys(runs)
+    differing = differing_config_keys([run for run in runs if run.config])  # a pending trial has none yet
     seeds = list(seed_keys) + seed_derived_keys(runs, differing, list(seed_keys))
     by_overrides = any(run.overrides for run in runs)
     if by_overrides:  # the user's own variables, as typed: adapter=full, not the 12 keys it changes
@@ -152,6 +152,8 @@ def status_warnings(runs: list[Run]) -> list[str]:
             warnings.append(f"diverged: {run.name} finished with a non-finite loss; left out of the means")
         elif run.status == INCOMPLETE:
             warnings.append(f"incomplete: {run.name} (no metrics.json: still running, killed, or crashed)")
+        elif run.status in NOT_DONE:
+            warnings.append(f"{run.status}: {run.name} (the study ledger's word; re-run the sweep's command to finish it)")
     return warnings
 
 
@@ -182,7 +184,7 @@ def summarize(table: pd.DataFrame, metrics: list[str], groups: list[str]) -> pd.
         done = members[members.status == FINISHED]
         row = {"group": label, "runs": len(members), "finished": len(done),
                "failed": int(members.status.isin([FAILED, DIVERGED]).sum()),
-               "incomplete": int((members.status == INCOMPLETE).sum())}
+               "incomplete": int(members.status.isin(NOT_DONE).sum())}
         for metric in metrics:
             values = done[metric].dropna()
             row[f"{metric}:mean"] = values.mean() if len(values) else math.nan

@@ -13,6 +13,9 @@ import yaml
 from tunelab.errors import TunelabError
 
 FINISHED, FAILED, INCOMPLETE, DIVERGED = "finished", "failed", "incomplete", "diverged"
+# What a study ledger says of a trial with no result yet (tunelab.study.ledger): counted as incomplete.
+PENDING, RUNNING, INTERRUPTED = "pending", "running", "interrupted"
+NOT_DONE = (INCOMPLETE, PENDING, RUNNING, INTERRUPTED)
 # A folder is a run dir when it holds one of these (a run that died early may have only .hydra/).
 RUN_MARKERS = ("resolved_config.yaml", "metrics.json", "FAILED", ".hydra/config.yaml")
 
@@ -100,5 +103,39 @@ def diverged(metrics: dict, optimized_metric: str | None) -> bool:
     return any(k in metrics and not math.isfinite(float(metrics[k])) for k in keys if k)
 
 
+def ledger_rows(paths: list[str | Path]) -> list:
+    """The rows of every study ledger at or below the given paths."""
+    from tunelab.study import ledger
+
+    files = {f.resolve() for path in map(Path, paths) if path.is_dir() for f in path.rglob(ledger.FILE)}
+    return [row for f in sorted(files) for row in ledger.read(f.parent).values()]
+
+
+def with_ledger(runs: list[Run], rows: list) -> list[Run]:
+    """Runs as their ledgers tell them: a trial with no result shows as pending, running or interrupted (not
+    just incomplete), a trial not started yet is listed, and a run dir kept elsewhere (W&B sweeps) is read."""
+    by_path = {run.path: run for run in runs}
+    for row in rows:
+        path = Path(row.run_dir).resolve() if row.run_dir else None
+        run = by_path.get(path)
+        if run is None:
+            run = load_run(path) if path and is_run_dir(path) else Run(path=path or Path(f"trial-{row.trial}"),
+                                                                       status=PENDING, overrides=list(row.overrides))
+            by_path[run.path] = run
+        if run.status == INCOMPLETE and row.status in (PENDING, RUNNING, INTERRUPTED):
+            run.status = row.status
+    return list(by_path.values())
+
+
 def load_runs(paths: list[str | Path]) -> list[Run]:
-    return [load_run(path) for path in find_run_dirs(paths)]
+    rows = ledger_rows(paths)
+    found = find_run_dirs_or_none(paths) if rows else find_run_dirs(paths)
+    return with_ledger([load_run(path) for path in found], rows)
+
+
+def find_run_dirs_or_none(paths: list[str | Path]) -> list[Path]:
+    """A ledger alone is a study (all its trials pending, or their run dirs elsewhere)."""
+    try:
+        return find_run_dirs(paths)
+    except TunelabError:
+        return []

@@ -24,24 +24,16 @@ def wandb_hint(runs: list[Run]) -> str | None:
             "then `tunelab-report --wandb-report ...` builds the same panels as a W&B report.")
 
 
-def create_wandb_report(runs: list[Run], title: str, project: str, entity: str | None, metrics: list[str]) -> str:
-    """A W&B report with the study's runs grouped like this one (needs a key and `wandb-workspaces`)."""
+def create_wandb_report(comparison, title: str, project: str, entity: str | None, metrics: list[str]) -> str:
+    """Save the study's W&B report (tunelab.report.wandb_report); needs a key and wandb-workspaces."""
+    from tunelab.report.wandb_report import build_wandb_report, workspaces
+
+    workspaces()
     if not wandb_has_key():
         raise TunelabError("--wandb-report needs W&B online: `wandb login` (or set WANDB_API_KEY), "
                            "and sync the offline runs first (see the W&B section of report.md)")
-    try:
-        import wandb_workspaces.reports.v2 as wr
-    except ImportError:
-        raise TunelabError("--wandb-report needs wandb-workspaces: pip install wandb-workspaces") from None
     import wandb
 
-    entity = entity or wandb.Api().default_entity
-    groups = sorted({run.config.get("study") for run in runs if run.config.get("study")})
-    runset = wr.Runset(entity=entity, project=project,
-                       filters=" or ".join(f"Group = '{g}'" for g in groups) if groups else None)
-    panels = [wr.LinePlot(x="trainer/global_step", y=["train/loss"]), wr.LinePlot(x="trainer/global_step", y=["val/loss"])]
-    panels += [wr.BarPlot(metrics=[m]) for m in metrics]
-    report = wr.Report(project=project, entity=entity, title=title,
-                       blocks=[wr.PanelGrid(runsets=[runset], panels=panels)])
+    report = build_wandb_report(comparison, metrics, title, project, entity or wandb.Api().default_entity)
     report.save()
     return report.url
