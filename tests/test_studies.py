@@ -53,7 +53,7 @@ def test_a_killed_grid_resumes_skips_finished_trials_untouched_and_retries_faile
     changed = train(tmp_path, "-m", "seed=0,1,5,3,4", *grid[2:])
     assert changed.returncode == 2
     assert changed.stderr.strip().splitlines() == [
-        f"error: the grid changed: trial 2 of outputs/kill/ledger.csv ran `seed=2`, this command makes it `seed=5`; "
+        "error: the grid changed: trial 2 of outputs/kill/ledger.csv ran `seed=2`, this command makes it `seed=5`; "
         "re-run the original command to continue that study, or give a new hydra.sweep.dir"]
 
     again = train(tmp_path, *grid)
