@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import FAST, read_metrics
+from tests.helpers import FAST, read_metrics, wandb_records
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = [*FAST, "adapter=full", "trainer.max_steps=8", "trainer.max_epochs=5", "trainer.precision=32-true",
        "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=100", "eval.compare_base=false",
-       "optimizer.lr=1e-3"]
+       "optimizer.lr=1e-3", "logger=wandb"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -29,6 +29,20 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def snapshot(run_dir: Path) -> dict:
     return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def wandb_history(run_dir: Path) -> list[tuple[int, float]]:
+    """(global step, train/loss) logged to W&B over every offline part of the run (a resume adds one)."""
+    import json
+
+    rows = []
+    for run_file in sorted((run_dir / "wandb").glob("offline-run-*/*.wandb")):
+        for record in wandb_records(run_file):
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                if "train/loss" in items:
+                    rows.append((int(items["trainer/global_step"]), round(float(items["train/loss"]), 5)))
+    return sorted(rows)
 
 
 def training_rows(run_dir: Path) -> list[tuple[int, float]]:
@@ -61,6 +75,8 @@ def test_resume_from_the_run_dir_alone_equals_an_uninterrupted_run(tmp_path, str
     assert b["tuned"]["test/loss"] == pytest.approx(a["tuned"]["test/loss"], rel=1e-5)
     assert b["train"]["fit_seconds"] > killed_seconds  # both parts counted
     assert training_rows(run_dir) == training_rows(straight)  # the CSV history before the kill is kept
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # one W&B run id, `wandb sync` joins them
+    assert wandb_history(run_dir) == wandb_history(straight) == training_rows(straight)  # no step lost or doubled
     ours = AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
     theirs = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)

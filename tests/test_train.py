@@ -53,6 +53,12 @@ def test_final_folder_round_trips_and_merge_matches_the_adapter(tmp_path):
         a, m, b = adapter(probe).logits, merged(probe).logits, base(probe).logits
     assert torch.allclose(a, m, atol=1e-4)
     assert not torch.allclose(a, b, atol=1e-4)  # the adapter really changed something
+    # transformers drives the adapter of final/ through PEFT: the pinned pair must support it.
+    assert adapter.active_adapters() == ["default"]
+    adapter.disable_adapters()
+    with torch.no_grad():
+        assert torch.allclose(adapter(probe).logits, b, atol=1e-5)
+    adapter.enable_adapters()
     assert read_metrics(tmp_path)["train"]["merge_max_logit_gap"] < 1e-3
 
 
