@@ -211,3 +211,27 @@ def test_a_bad_data_filter_is_one_clear_error(patterns, message):
     records = {"train": [{"prompt": "Capital of Peru?", "chosen": "Lima."}, {"prompt": "Write 3.", "chosen": "3"}]}
     with pytest.raises(TunelabError, match=message):
         keep_matching(records, patterns)
+
+
+@pytest.mark.parametrize("module, source", [("tunelab.data.preference.PreferenceDataModule", "tunelab:facts_preferences.jsonl"),
+                                            ("tunelab.data.pairs.PairsDataModule", "tunelab:facts_instruct.jsonl")])
+def test_every_kind_of_example_is_fingerprinted_and_cached(tmp_path, monkeypatch, tokenizer, module, source):
+    """Preference pairs and text pairs go through the one setup: same fingerprints, same token cache."""
+    import importlib
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    path, name = module.rsplit(".", 1)
+    cls = getattr(importlib.import_module(path), name)
+
+    def built(max_length=96):
+        data = cls(tokenizer, source=source, val_size=4, test_size=4, batch_size=4, max_length=max_length,
+                   max_train_examples=16)
+        data.setup("fit")
+        return data
+
+    first = built()
+    assert list((tmp_path / "data").glob("*")), "the tokenised splits were not cached"
+    again = built()
+    assert again.fingerprints == first.fingerprints
+    assert again.datasets["train"].rows == first.datasets["train"].rows
+    assert built(max_length=64).fingerprints["cache_key"] != first.fingerprints["cache_key"]

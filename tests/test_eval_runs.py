@@ -245,3 +245,6 @@ def test_evaluate_on_a_run_of_any_method_reports_that_methods_own_metrics(tmp_pa
     assert headline in evaluated["tuned"]
     assert evaluated["tuned"][headline] == pytest.approx(trained["tuned"][headline], rel=1e-5, abs=1e-6)
     assert "test/rougeL" not in evaluated["tuned"]  # not the generation evaluator of SFT
+    # Every kind of example is fingerprinted like SFT data: the run's manifest hashes the data it read.
+    data = json.loads((run / "provenance.json").read_text())["data"]
+    assert {"records", "tokenizer", "preprocessing", "cache_key"} <= set(data)

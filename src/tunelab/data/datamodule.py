@@ -68,6 +68,8 @@ class DataModule(pl.LightningDataModule):
         self.datasets: dict[str, TokenizedDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
+        """Records -> normalised examples -> token rows, for every kind of example (the subclasses say how
+        a record is normalised and what an empty result means); fingerprinted and cached the same way."""
         if self.datasets:
             return
         if self.max_length < 2:
@@ -81,24 +83,32 @@ class DataModule(pl.LightningDataModule):
         for name, records in splits.items():
             if cached is not None:
                 self.examples[name], rows = cached[name]
-                self.datasets[name] = TokenizedDataset(rows)
-                continue
-            self.examples[name] = normalize(records, self.format, self.fields, self.system_prompt)
-            rows, report = self.tokenization(self.examples[name], self.formatter, self.max_length)
-            if report.dropped_no_target:
-                log.warning("%s: dropped %d examples with no response left after truncation to max_length=%d",
-                            name, report.dropped_no_target, self.max_length)
-            if not rows and records:
-                raise TunelabError(
-                    f"no {name} example keeps any response token within data.max_length={self.max_length}; "
-                    "raise data.max_length or shorten the prompts"
-                )
+            else:
+                self.examples[name] = self.normalize(records)
+                rows, report = self.tokenization(self.examples[name], self.formatter, self.max_length)
+                self.check_split(name, records, rows, report)
             self.datasets[name] = TokenizedDataset(rows)
         if cache and cached is None and self.datasets["train"].rows:
             cache.save({name: (self.examples[name], self.datasets[name].rows) for name in splits})
         if not self.datasets["train"].rows:
             raise TunelabError(f"the training split of {self.source} is empty; check the data and its filters")
-        log.info("data: %s", ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
+        log.info("%s: %s", self.kind, ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
+
+    kind = "data"  # the examples' kind, in log lines
+
+    def normalize(self, records: list[dict]) -> list:
+        return normalize(records, self.format, self.fields, self.system_prompt)
+
+    def check_split(self, name: str, records: list[dict], rows: list[dict], report) -> None:
+        """Warn about examples tokenisation dropped; refuse a split it emptied."""
+        if report.dropped_no_target:
+            log.warning("%s: dropped %d examples with no response left after truncation to max_length=%d",
+                        name, report.dropped_no_target, self.max_length)
+        if not rows and records:
+            raise TunelabError(
+                f"no {name} example keeps any response token within data.max_length={self.max_length}; "
+                "raise data.max_length or shorten the prompts"
+            )
 
     def record_splits(self) -> dict[str, list[dict]]:
         """The raw records of train/val/test: loaded, filtered by data.filter, split, train capped."""

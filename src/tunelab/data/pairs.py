@@ -120,19 +120,14 @@ class PairsDataModule(DataModule):
                                "batch (the other pairs are the negatives); raise it")
         self.collator = PaddingCollator(self.tokenizer.pad_token_id)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        splits = self.record_splits()
-        for name, records in splits.items():
-            self.examples[name] = normalize_text_pairs(records, self.fields)
-            rows, report = self.tokenization(self.examples[name], self.formatter, self.max_length)
-            if report.truncated:
-                log.info("%s: %d texts cut to data.max_length=%d", name, report.truncated, self.max_length)
-            self.datasets[name] = TokenizedDataset(rows)
-        if not self.datasets["train"].rows:
-            raise TunelabError(f"the training split of {self.source} is empty; check the data and its filters")
-        log.info("pairs: %s", ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
+    kind = "pairs"
+
+    def normalize(self, records: list[dict]) -> list[TextPair]:
+        return normalize_text_pairs(records, self.fields)
+
+    def check_split(self, name: str, records: list[dict], rows: list[dict], report) -> None:
+        if report.truncated:
+            log.info("%s: %d texts cut to data.max_length=%d", name, report.truncated, self.max_length)
 
     def conversations(self, split: str) -> list:
         return []  # pairs are not prompts with reference responses

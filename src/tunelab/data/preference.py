@@ -198,20 +198,17 @@ class PreferenceDataModule(DataModule):
             raise TunelabError(f"data.format={self.format} does not fit preference data; use auto or preference")
         self.collator = PaddingCollator(self.tokenizer.pad_token_id, padding_side)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        splits = self.record_splits()
-        for name, records in splits.items():
-            self.examples[name] = normalize_pairs(records, self.fields, self.system_prompt)
-            rows, report = self.tokenization(self.examples[name], self.formatter, self.max_length)
-            if report.dropped_no_target:
-                log.warning("%s: dropped %d pairs that do not fit data.max_length=%d",
-                            name, report.dropped_no_target, self.max_length)
-            if records and not rows:
-                raise TunelabError(f"no {name} pair fits data.max_length={self.max_length}; raise it")
-            self.datasets[name] = TokenizedDataset(rows)
-        log.info("preference data: %s", ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
+    kind = "preference data"
+
+    def normalize(self, records: list[dict]) -> list[PreferencePair]:
+        return normalize_pairs(records, self.fields, self.system_prompt)
+
+    def check_split(self, name: str, records: list[dict], rows: list[dict], report) -> None:
+        if report.dropped_no_target:
+            log.warning("%s: dropped %d pairs that do not fit data.max_length=%d",
+                        name, report.dropped_no_target, self.max_length)
+        if records and not rows:
+            raise TunelabError(f"no {name} pair fits data.max_length={self.max_length}; raise it")
 
     def conversations(self, split: str) -> list[Conversation]:
         """The chosen conversations: what a supervised evaluator compares generations against."""
