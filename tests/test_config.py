@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-from hydra.utils import instantiate
 from peft import LoraConfig
 
 from tests.helpers import make_cfg
