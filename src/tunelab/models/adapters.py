@@ -62,7 +62,14 @@ def build_adapter(node):
     if ratio is not None and not ratio >= 1:
         raise TunelabError(f"adapter.loraplus_lr_ratio={ratio} must be >= 1 (B's learning rate over A's; "
                            "the LoRA+ paper uses 16), or null for plain LoRA")
-    return instantiate(node, _convert_="all"), ratio
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, _convert_="all"), ratio
+    except InstantiationException as err:  # a refusal (adapter=qlora) stays the one line it was
+        if isinstance(err.__cause__, TunelabError):
+            raise err.__cause__ from None
+        raise
 
 
 def check_init(init) -> None:
