@@ -119,8 +119,8 @@ class KTOModule(PreferenceModule):
         kl = self.batch_kl(kl_logps, ref_kl_logps)
         desirable = batch["label"].bool()
         out = kto_loss(logps, ref_logps, desirable, kl, self.beta, self.desirable_weight, self.undesirable_weight)
-        nan = torch.tensor(float("nan"), device=logps.device)
-        stats = {"kl": kl, "logps": logps.detach().mean(),
-                 "reward_desirable": out.rewards[desirable].mean() if desirable.any() else nan,
-                 "reward_undesirable": out.rewards[~desirable].mean() if (~desirable).any() else nan}
+        stats = {"kl": kl, "logps": logps.detach().mean()}
+        for name, rows in (("reward_desirable", desirable), ("reward_undesirable", ~desirable)):
+            if rows.any():  # a batch may hold one kind only: no mean of the other
+                stats[name] = out.rewards[rows].mean()
         return out.losses.mean(), stats
