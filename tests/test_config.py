@@ -4,13 +4,13 @@ import subprocess
 import sys
 
 import pytest
-from hydra.utils import instantiate
 from peft import LoraConfig
 
 from tests.helpers import make_cfg
 from tunelab.models import FullFineTuning
+from tunelab.models.adapters import build_adapter
 
-METHODS = ["sft", "pretrain"]
+METHODS = ["sft", "pretrain", "dpo", "kto", "orpo", "simpo", "cpo"]
 ADAPTERS = ["full", "lora"]
 
 
@@ -19,16 +19,16 @@ ADAPTERS = ["full", "lora"]
 def test_every_method_and_adapter_composes(tmp_path, method, adapter):
     cfg = make_cfg(tmp_path, f"method={method}", f"adapter={adapter}")
     assert cfg.method.name == method
-    built = instantiate(cfg.adapter, _convert_="all")
+    built, _ = build_adapter(cfg.adapter)
     assert isinstance(built, LoraConfig if adapter == "lora" else FullFineTuning)
 
 
 def test_peft_option_names_pass_through(tmp_path):
     cfg = make_cfg(tmp_path, "adapter=lora", "adapter.r=16", "adapter.target_modules=all-linear",
                    "adapter.lora_alpha=32")
-    lora = instantiate(cfg.adapter, _convert_="all")
+    lora, _ = build_adapter(cfg.adapter)
     assert (lora.r, lora.lora_alpha, lora.target_modules) == (16, 32, "all-linear")
-    listed = instantiate(make_cfg(tmp_path, "adapter.target_modules=[q_proj,v_proj]").adapter, _convert_="all")
+    listed, _ = build_adapter(make_cfg(tmp_path, "adapter.target_modules=[q_proj,v_proj]").adapter)
     assert set(listed.target_modules) == {"q_proj", "v_proj"}
 
 

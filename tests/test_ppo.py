@@ -17,7 +17,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods.ppo import (AdaptiveKL, gae, kl_per_token, masked_whiten, policy_loss, response_mask,
                                  to_left_padding, token_rewards, value_loss)
 from tunelab.methods.rewards import check_scores
-from tunelab.models.adapters import apply_adapter
+from tunelab.models.adapters import apply_adapter, build_adapter
 
 # ------------------------------------------------------------------ maths
 
@@ -118,7 +118,7 @@ def build(tmp_path, adapter: str, *overrides: str):
     model, tokenizer = instantiate(cfg.model, _convert_="all")
     dm = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
                      tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
-    model = apply_adapter(model, instantiate(cfg.adapter, _convert_="all"))
+    model = apply_adapter(model, build_adapter(cfg.adapter)[0])
     module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
                          scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,

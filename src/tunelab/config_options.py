@@ -15,6 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab.errors import TunelabError
 
 KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+# Keys of a group that the assembler takes out before the target is called (models.adapters.build_adapter:
+# LoRA+'s ratio is an optimizer setting kept beside PEFT's LoraConfig fields).
+READ_BEFORE_TARGET = {"adapter": {"loraplus_lr_ratio"}}
 
 
 def is_hydra_key(name: str) -> bool:
@@ -77,7 +80,7 @@ def unknown_key_error(cfg: DictConfig, key: str) -> TunelabError | None:
 
 
 def option_error(path: str, node: DictConfig, name: str) -> TunelabError | None:
-    if is_hydra_key(name):
+    if is_hydra_key(name) or name in READ_BEFORE_TARGET.get(path, ()):
         return None
     parameters = target_parameters(str(node._target_))
     if parameters is None or name in {p.name for p in parameters}:

@@ -19,7 +19,7 @@ from tunelab.eval.report import comparison, print_comparison, write_reports
 from tunelab.hardware import training_device
 from tunelab.interrupts import CheckpointOnInterrupt, install_outside_fit_handlers
 from tunelab.loggers import checkpoint_step, finish_loggers, keep_history, remember_wandb_id
-from tunelab.models.adapters import is_peft
+from tunelab.models.adapters import adapter_changes_base, is_peft
 from tunelab.models.export import save_base, save_final, save_merged
 from tunelab.models.loading import resolve_model_path
 from tunelab.progress import PlainProgress, interactive
@@ -55,7 +55,7 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
 def base_model_path(cfg: DictConfig, model, run_dir: Path) -> str:
     """Where the frozen base of an adapter lives, so `final/` loads on its own."""
     name = cfg.model.get("name_or_path")
-    if name:
+    if name and not adapter_changes_base(model):  # PiSSA / OLoRA train on a residual of the named weights
         return resolve_model_path(name)
     return save_base(model, run_dir / "base_model")
 

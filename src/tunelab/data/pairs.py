@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from tunelab.data.batching import TokenizedDataset
 from tunelab.data.datamodule import DataModule
 from tunelab.data.formats import rename_fields
 from tunelab.data.tokenize import TokenizeReport

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.data.batching import TokenizedDataset
 from tunelab.data.datamodule import DataModule
 from tunelab.data.formats import Conversation, rename_fields
 from tunelab.data.tokenize import IGNORE, TokenizeReport, tokenize_segments
@@ -127,6 +126,72 @@ class PairTokenizer:
         return rows, report
 
 
+@dataclass(frozen=True)
+class UnpairedExample:
+    """A prompt and one assistant continuation labelled desirable (True) or undesirable (False): KTO's data."""
+
+    prompt: tuple[dict, ...]
+    completion: tuple[dict, ...]
+    label: bool
+
+    def conversation(self, which: str | None = None) -> Conversation:
+        return Conversation(self.prompt + self.completion)
+
+    @property
+    def reference(self) -> str:
+        return self.completion[-1]["content"]
+
+
+def to_unpaired(record: dict, index: int, system_prompt: str | None = None) -> UnpairedExample:
+    missing = [key for key in ("prompt", "completion") if record.get(key) in (None, "", [])]
+    if missing:
+        raise TunelabError(f"KTO record {index} lacks [{', '.join(missing)}] (it has [{', '.join(map(str, record))}]); "
+                           "each needs prompt, completion and label, or chosen and rejected (split into both)")
+    if not isinstance(record.get("label"), bool):
+        raise TunelabError(f"KTO record {index} has no true/false label (got {record.get('label')!r}); label: true "
+                           "marks a desirable completion, false an undesirable one")
+    prompt = as_turns(record["prompt"], "user")
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = ({"role": "system", "content": system_prompt},) + prompt
+    return UnpairedExample(prompt, as_turns(record["completion"], "assistant"), record["label"])
+
+
+class UnpairedTokenizer:
+    """KTO's rows: input ids, labels on the completion and `label` (1.0 desirable, 0.0 undesirable). Paired
+    records stay PreferencePairs among the examples (so evaluation can still rank pairs) and become two rows,
+    chosen desirable and rejected undesirable, as TRL's `unpair_preference_dataset`."""
+
+    @staticmethod
+    def normalize(records: list[dict], fields: dict | None = None, system_prompt: str | None = None) -> list:
+        out = []
+        for i, record in enumerate(records):
+            record = rename_fields(record, fields)
+            paired = "chosen" in record or "rejected" in record
+            out.append(to_pair(record, i, system_prompt) if paired else to_unpaired(record, i, system_prompt))
+        return out
+
+    def __call__(self, examples: list, formatter, max_length: int):
+        report = TokenizeReport()
+        unpaired = [u for e in examples for u in self.split(e)]
+        pieces = tokenize_segments(formatter.tokenizer, [formatter.segments(u.conversation()) for u in unpaired])
+        rows = []
+        for example, part in zip(unpaired, pieces):
+            ids, labels, truncated = sequence_with_labels(part, max_length)
+            report.truncated += truncated
+            if not any(label != IGNORE for label in labels[1:]):
+                report.dropped_no_target += 1
+                continue
+            rows.append({"input_ids": ids, "labels": labels, "label": float(example.label)})
+        report.kept = len(rows)
+        return rows, report
+
+    @staticmethod
+    def split(example) -> list[UnpairedExample]:
+        if isinstance(example, UnpairedExample):
+            return [example]
+        return [UnpairedExample(example.prompt, example.chosen, True), UnpairedExample(example.prompt, example.rejected, False)]
+
+
 class PromptTokenizer:
     """Rows of prompt ids (what a policy continues from) plus prompt and reference text, for RL."""
 
@@ -200,8 +265,9 @@ class PreferenceDataModule(DataModule):
 
     kind = "preference data"
 
-    def normalize(self, records: list[dict]) -> list[PreferencePair]:
-        return normalize_pairs(records, self.fields, self.system_prompt)
+    def normalize(self, records: list[dict]) -> list:
+        normalize = getattr(self.tokenization, "normalize", normalize_pairs)  # KTO also reads unpaired rows
+        return normalize(records, self.fields, self.system_prompt)
 
     def check_split(self, name: str, records: list[dict], rows: list[dict], report) -> None:
         if report.dropped_no_target:
@@ -212,4 +278,4 @@ class PreferenceDataModule(DataModule):
 
     def conversations(self, split: str) -> list[Conversation]:
         """The chosen conversations: what a supervised evaluator compares generations against."""
-        return [p.conversation("chosen") for p in self.examples.get(split, [])]
+        return [p.conversation("chosen") for p in self.examples.get(split, []) if getattr(p, "label", True)]

@@ -26,6 +26,7 @@ class LanguageModelModule(pl.LightningModule):
         # Checkpoints keep trainable weights only (see on_save_checkpoint), so loading is not strict.
         self.strict_loading = False
         self.levers = RuntimeLevers()  # the runtime group's speed knobs, set by the assembler
+        self.loraplus_lr_ratio: float | None = None  # the adapter group's LoRA+ ratio, set by the assembler
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -42,6 +43,16 @@ class LanguageModelModule(pl.LightningModule):
             {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
         ]
+
+    def build_optimizer(self):
+        """The optimizer group over the trainable parameters; with LoRA+ (Hayou et al. 2024) PEFT's
+        `create_loraplus_optimizer` gives the B matrices lr * loraplus_lr_ratio."""
+        if not self.loraplus_lr_ratio:
+            return self.optimizer_factory(self.optimizer_parameters())
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(self.model, self.optimizer_factory.func,
+                                         loraplus_lr_ratio=self.loraplus_lr_ratio, **self.optimizer_factory.keywords)
 
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the whole run, for the LR schedule.
@@ -63,7 +74,7 @@ class LanguageModelModule(pl.LightningModule):
     def configure_optimizers(self):
         from transformers import get_scheduler
 
-        optimizer = self.optimizer_factory(self.optimizer_parameters())
+        optimizer = self.build_optimizer()
         total = self.total_optimizer_steps()
         ratio = self.scheduler_cfg.get("warmup_ratio") or 0.0
         warmup = self.scheduler_cfg.get("warmup_steps") or math.ceil(ratio * total)

@@ -11,20 +11,19 @@ and is then dropped, so training holds one model. `rpo_alpha` (TRL's name) adds 
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import SumMetric
 
-from tunelab.data.tokenize import IGNORE
-from tunelab.errors import TunelabError
 from tunelab.core.inference import autocast
-from tunelab.methods.base import LanguageModelModule
-from tunelab.models.adapters import is_peft
+from tunelab.core.logprobs import (  # noqa: F401  (re-exported: where DPO's users found them)
+    chosen_nll, completion_logps, disable_dropout, frozen_reference, pair_logps, preference_accuracy, stacked_pairs)
+from tunelab.errors import TunelabError
+from tunelab.methods.preference import PreferenceModule
+from tunelab.models.adapters import adapter_changes_base, is_peft
 
 log = logging.getLogger(__name__)
 
@@ -89,76 +88,10 @@ def check_rpo_alpha(rpo_alpha: float | None) -> None:
         raise TunelabError(f"method.module.rpo_alpha={rpo_alpha} must be >= 0 or null (1.0 is the RPO paper's value)")
 
 
-def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood of the chosen answers over the batch (TRL's RPO `nll_loss`)."""
-    return -chosen_logps.float().sum() / chosen_tokens.sum().clamp(min=1)
-
-
-def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Share of pairs ranked right; a tie counts one half (a coin flip), so policy == reference gives 0.5."""
-    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
-
-
-# ---------------------------------------------------------------- log-probs
-
-
-def stacked_pairs(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chosen rows then rejected rows, padded to one width: one forward scores both."""
-    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-
-    def both(name: str, value: int) -> torch.Tensor:
-        parts = [batch[f"{which}_{name}"] for which in ("chosen", "rejected")]
-        return torch.cat([F.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
-
-    return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE)
-
-
-def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log-probs of the supervised tokens, their count) per row."""
-    from trl.trainer.utils import selective_log_softmax
-
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    logps = selective_log_softmax(logits.float(), targets.masked_fill(~mask, 0))
-    return (logps * mask).sum(-1), mask.sum(-1)
-
-
-def pair_logps(model, batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen log-probs, rejected log-probs, chosen token counts, rejected token counts)."""
-    logps, tokens = completion_logps(model, *stacked_pairs(batch, pad_id))
-    return (*logps.chunk(2), *tokens.chunk(2))
-
-
-def frozen_reference(model, reference_model: str | None = None):
-    """None when the adapter-disabled policy is the reference; otherwise a frozen network."""
-    if reference_model:
-        from tunelab.models.run_model import load_run_model
-
-        reference, _ = load_run_model(reference_model)
-    elif is_peft(model):
-        if len(model.peft_config) > 1:
-            raise TunelabError("the policy carries several adapters, so no single adapter-disabled reference exists; "
-                               "merge the trained one first (model=run merges an SFT run's LoRA) or give "
-                               "method.module.reference_model=RUN_DIR")
-        return None
-    else:
-        reference = copy.deepcopy(model)
-    return reference.requires_grad_(False).eval()
-
-
-def disable_dropout(model) -> None:
-    # Dropout would make policy and reference disagree at step 0 (loss != ln 2); TRL disables it too.
-    from trl.trainer.utils import disable_dropout_in_model
-
-    disable_dropout_in_model(model)
-
-
 # ---------------------------------------------------------------- the module
 
 
-class DPOModule(LanguageModelModule):
+class DPOModule(PreferenceModule):
     """DPO on (prompt, chosen, rejected); logs loss, reward accuracy, chosen/rejected rewards, margin, logps."""
 
     STATS = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logps_chosen", "logps_rejected",
@@ -167,19 +100,13 @@ class DPOModule(LanguageModelModule):
     def __init__(self, model, optimizer, scheduler=None, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, precompute_ref_logps: bool = False, reference_model: str | None = None,
                  rpo_alpha: float | None = None):
-        super().__init__(model, optimizer, scheduler)
         check_loss_options(beta, loss_type, label_smoothing)
         check_rpo_alpha(rpo_alpha)
+        super().__init__(model, optimizer, scheduler)
         self.rpo_alpha = rpo_alpha
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.precompute_ref_logps = precompute_ref_logps
-        disable_dropout(model)
         self.ref_model = frozen_reference(model, reference_model)
-        self.val_stats = torch.nn.ModuleDict({k: SumMetric() for k in (*self.STATS, "pairs")})
-
-    @property
-    def pad_id(self) -> int:
-        return self.model.config.pad_token_id or 0
 
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,28 +158,6 @@ class DPOModule(LanguageModelModule):
         loss = out.losses.mean()
         return (loss + self.rpo_alpha * nll if self.rpo_alpha else loss), stats
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, stats = self.step_stats(batch)
-        pairs = batch["chosen_input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=pairs)
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, stats = self.step_stats(batch)
-        pairs = batch["chosen_input_ids"].shape[0]
-        for key, value in {"loss": loss, **stats}.items():
-            self.val_stats[key].update(value.detach() * pairs)  # sums, so the mean is exact over ranks
-        self.val_stats["pairs"].update(torch.tensor(float(pairs), device=self.device))
-
-    def on_validation_epoch_end(self) -> None:
-        totals = {k: m.compute() for k, m in self.val_stats.items()}
-        pairs = totals.pop("pairs").clamp(min=1)
-        self.log("val/loss", totals.pop("loss") / pairs, prog_bar=True, sync_dist=False)
-        self.log_dict({f"val/{k}": v / pairs for k, v in totals.items()}, sync_dist=False)
-        for metric in self.val_stats.values():
-            metric.reset()
-
 
 # ---------------------------------------------------------------- evaluation
 
@@ -293,16 +198,16 @@ class DPOEvaluator:
         return [torch.cat(v) for v in out]
 
     def run(self, model, datamodule) -> tuple[dict[str, float], list[dict]]:
-        dataset = datamodule.datasets.get(self.split)
-        if dataset is None or not len(dataset):
+        rows, pairs = pair_rows(datamodule, self.split)
+        if not rows:
             return {}, []
         was_training = model.training
         model.eval()
         try:
-            chosen, rejected, n_chosen, n_rejected = self.logps(model, datamodule, dataset.rows)
+            chosen, rejected, n_chosen, n_rejected = self.logps(model, datamodule, rows)
             reference = None
-            if is_peft(model):
-                reference = self.logps(model, datamodule, dataset.rows, disable_adapter=True)[:2]
+            if is_peft(model) and not adapter_changes_base(model):
+                reference = self.logps(model, datamodule, rows, disable_adapter=True)[:2]
             elif self.base_logps is not None:
                 reference = self.base_logps
             else:  # the first (base) evaluation of a full model: it is the reference of what follows
@@ -313,9 +218,8 @@ class DPOEvaluator:
         s = self.split
         metrics = {f"{s}/logp_accuracy": preference_accuracy(chosen, rejected).item(),
                    f"{s}/logps_chosen": chosen.mean().item(), f"{s}/logps_rejected": rejected.mean().item()}
-        pairs = datamodule.examples[self.split]
-        if len(pairs) != len(dataset):  # some pairs did not fit data.max_length: texts no longer line up
-            pairs = [None] * len(dataset)
+        if len(pairs) != len(rows):  # some pairs did not fit data.max_length: texts no longer line up
+            pairs = [None] * len(rows)
         rows = [{**({"prompt": p.prompt[-1]["content"], "chosen": p.chosen[-1]["content"],
                      "rejected": p.rejected[-1]["content"]} if p else {}), "logps_chosen": c, "logps_rejected": r}
                 for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist())]
@@ -329,6 +233,21 @@ class DPOEvaluator:
             for row, c, r in zip(rows, out.chosen_rewards.tolist(), out.rejected_rewards.tolist()):
                 row |= {"reward_chosen": c, "reward_rejected": r}
         return metrics, rows[: self.max_examples or None]
+
+
+def pair_rows(datamodule, split: str) -> tuple[list[dict], list]:
+    """(tokenised pairs, their PreferencePairs) of a split: its rows when the method trained on pairs, else its
+    paired examples tokenised as DPO reads them (KTO trains on them unpaired; unpaired data has no pairs)."""
+    from tunelab.data.preference import PairTokenizer, PreferencePair
+
+    dataset = datamodule.datasets.get(split)
+    if dataset is None or not len(dataset):
+        return [], []
+    if "chosen_input_ids" in dataset.rows[0]:
+        return dataset.rows, datamodule.examples[split]
+    pairs = [e for e in datamodule.examples.get(split, []) if isinstance(e, PreferencePair)]
+    rows = PairTokenizer()(pairs, datamodule.formatter, datamodule.max_length)[0] if pairs else []
+    return rows, pairs
 
 
 LN2 = math.log(2)  # the loss of every pair while the policy equals its reference

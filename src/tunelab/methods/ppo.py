@@ -425,7 +425,7 @@ class PPOModule(LanguageModelModule):
     def configure_optimizers(self):
         from transformers import get_scheduler
 
-        optimizer = self.optimizer_factory(self.optimizer_parameters())
+        optimizer = self.build_optimizer()
         updates = self.ppo_epochs * self.num_minibatches
         # max_steps counts optimizer steps; otherwise each rollout batch makes `updates` of them.
         total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tunelab.errors import TunelabError
+
 
 class FullFineTuning:
     """Every parameter trains (the `adapter=full` choice)."""
@@ -38,3 +40,61 @@ def is_peft(model: torch.nn.Module) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+# init_lora_weights values that move part of each base weight into the adapter (PEFT): the adapter-disabled
+# network is then a residual, not the model training started from.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+KNOWN_INITS = (True, False, "gaussian", "eva", "orthogonal", *BASE_CHANGING_INITS)
+
+
+def build_adapter(node):
+    """The adapter group as objects: (FullFineTuning or a PeftConfig, LoRA+ ratio or None).
+
+    `loraplus_lr_ratio` sits in the adapter group (it is a LoRA choice) but is an optimizer setting, not a
+    LoraConfig field, so it is taken out before PEFT sees the rest."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    ratio = node.pop("loraplus_lr_ratio", None)
+    check_init(node.get("init_lora_weights", True))
+    if ratio is not None and not ratio >= 1:
+        raise TunelabError(f"adapter.loraplus_lr_ratio={ratio} must be >= 1 (B's learning rate over A's; "
+                           "the LoRA+ paper uses 16), or null for plain LoRA")
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, _convert_="all"), ratio
+    except InstantiationException as err:  # a refusal (adapter=qlora) stays the one line it was
+        if isinstance(err.__cause__, TunelabError):
+            raise err.__cause__ from None
+        raise
+
+
+def check_init(init) -> None:
+    name = init.split("_niter_")[0] if isinstance(init, str) else init  # pissa_niter_4: fast SVD
+    if name not in KNOWN_INITS:
+        raise TunelabError(f"adapter.init_lora_weights={init} is unknown; use one of "
+                           f"{', '.join(str(k).lower() for k in KNOWN_INITS)} (PEFT's names)")
+
+
+def adapter_changes_base(model) -> bool:
+    """True when a PEFT model's init moved part of the base weights into the adapter (PiSSA, OLoRA, ...)."""
+    configs = getattr(model, "peft_config", {}).values()
+    return any(isinstance(getattr(c, "init_lora_weights", True), str)
+               and c.init_lora_weights.split("_")[0] in BASE_CHANGING_INITS for c in configs)
+
+
+def qlora(bits: int = 4, quant_type: str = "nf4", **lora):
+    """adapter=qlora: LoRA over a bitsandbytes 4-bit base. Only where CUDA and bitsandbytes are present; the
+    4-bit loading and the dequantise-then-merge export are not built yet, so everywhere else it refuses."""
+    import importlib.util
+
+    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if not (torch.cuda.is_available() and have_bnb):
+        raise TunelabError("adapter=qlora needs a CUDA GPU and bitsandbytes (pip install 'tunelab[qlora]'); "
+                           f"here: cuda={'yes' if torch.cuda.is_available() else 'no'}, "
+                           f"bitsandbytes={'yes' if have_bnb else 'no'}; use adapter=lora")
+    raise TunelabError("adapter=qlora: 4-bit loading and its dequantise-then-merge export are not built yet in "
+                       "this version; use adapter=lora")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.models.adapters import is_peft
+from tunelab.models.adapters import adapter_changes_base, is_peft
 
 
 def save_final(model, tokenizer, folder: Path, base_path: str | None) -> Path:
@@ -25,10 +25,22 @@ def save_final(model, tokenizer, folder: Path, base_path: str | None) -> Path:
         for config in model.peft_config.values():
             config.base_model_name_or_path = base_path
     model.save_pretrained(tmp)
+    if is_peft(model) and adapter_changes_base(model):
+        plain_lora_init(tmp / "adapter_config.json")
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def plain_lora_init(config_file: Path) -> None:
+    """PiSSA / OLoRA: the recorded base is the residual already, and PEFT re-runs a string init when it loads
+    an adapter (splitting the base again), so the saved config says plain LoRA, as PEFT's docs advise."""
+    import json
+
+    config = json.loads(config_file.read_text())
+    config["init_lora_weights"] = True
+    config_file.write_text(json.dumps(config, indent=2))
 
 
 def save_base(model, folder: Path) -> str:

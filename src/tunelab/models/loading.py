@@ -56,6 +56,8 @@ def load_pretrained(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    if needs_peft_loader(path):
+        return load_through_peft(path, dtype, attn_implementation), load_tokenizer(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -70,6 +72,24 @@ def load_pretrained(
             "or the embedded model (model=smollm2_135m)"
         ) from err
     return model, load_tokenizer(name_or_path)
+
+
+def needs_peft_loader(path: str) -> bool:
+    """An adapter folder that transformers' own PEFT integration misreads: with transformers 5.23 and peft 0.21
+    it looks for DoRA's magnitude vectors under another key and silently starts them afresh."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "adapter_config.json"
+    return config.is_file() and bool(json.loads(config.read_text()).get("use_dora"))
+
+
+def load_through_peft(path: str, dtype: str, attn_implementation: str | None):
+    """The adapter folder loaded by PEFT itself and merged: a plain causal LM, as transformers would give."""
+    from peft import AutoPeftModelForCausalLM
+
+    return AutoPeftModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                    attn_implementation=attn_implementation).merge_and_unload()
 
 
 def first_line(err: BaseException) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 from tunelab.errors import TunelabError
 from tunelab.report import markdown, plots
 from tunelab.report.compare import Comparison, choose_metrics, compare, runs_table, summarize
-from tunelab.report.runs import FINISHED, Run, load_runs
+from tunelab.report.runs import FINISHED, Run, load_runs  # noqa: F401  (Run: re-exported for callers)
 from tunelab.report.wandb_sync import wandb_hint
 
 log = logging.getLogger(__name__)

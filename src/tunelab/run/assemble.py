@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.hardware import check_trainer, resolve_trainer
-from tunelab.models.adapters import apply_adapter, count_parameters
+from tunelab.models.adapters import apply_adapter, build_adapter, count_parameters
 from tunelab.runtime import apply_runtime
 
 
@@ -54,12 +54,13 @@ def build_datamodule(cfg: DictConfig, tokenizer, stage: str = "fit", data_cfg: D
 def build_module(cfg: DictConfig, model, tokenizer):
     """The method's LightningModule around the adapted network: the method may reshape the network first
     (a reward head), the adapter decides what trains, the runtime group applies the speed knobs."""
-    adapter = instantiate(cfg.adapter, _convert_="all")
+    adapter, loraplus_lr_ratio = build_adapter(cfg.adapter)
     if cfg.method.get("prepare"):
         model, adapter = instantiate(cfg.method.prepare, _convert_="all")(model, tokenizer, adapter)
     model = apply_adapter(model, adapter)
     module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
                          scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
+    module.loraplus_lr_ratio = loraplus_lr_ratio
     apply_runtime(module, cfg.get("runtime"))
     return module
 

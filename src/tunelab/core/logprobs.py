@@ -1,0 +1,81 @@
+"""Per-sequence log-probs of completions and the reference policy: what every preference method (DPO, KTO,
+ORPO, SimPO/CPO) and its evaluator share."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.tokenize import IGNORE
+from tunelab.errors import TunelabError
+from tunelab.models.adapters import adapter_changes_base, is_peft
+
+
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probs of the supervised tokens, their count) per row."""
+    from trl.trainer.utils import selective_log_softmax
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    logps = selective_log_softmax(logits.float(), targets.masked_fill(~mask, 0))
+    return (logps * mask).sum(-1), mask.sum(-1)
+
+
+def stacked_pairs(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows, padded to one width: one forward scores both."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def both(name: str, value: int) -> torch.Tensor:
+        parts = [batch[f"{which}_{name}"] for which in ("chosen", "rejected")]
+        return torch.cat([F.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
+
+    return both("input_ids", pad_id), both("attention_mask", 0), both("labels", IGNORE)
+
+
+def pair_logps(model, batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen log-probs, rejected log-probs, chosen token counts, rejected token counts), summed per sequence;
+    divide by the counts for the length-normalised log-probs of SimPO / ORPO."""
+    logps, tokens = completion_logps(model, *stacked_pairs(batch, pad_id))
+    return (*logps.chunk(2), *tokens.chunk(2))
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of the chosen answers over the batch (TRL's RPO / ORPO / CPO `nll_loss`)."""
+    return -chosen_logps.float().sum() / chosen_tokens.sum().clamp(min=1)
+
+
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Share of pairs ranked right; a tie counts one half (a coin flip), so policy == reference gives 0.5."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+
+
+def frozen_reference(model, reference_model: str | None = None):
+    """None when the adapter-disabled policy is the reference; otherwise a frozen network."""
+    if reference_model:
+        from tunelab.models.run_model import load_run_model
+
+        reference, _ = load_run_model(reference_model)
+    elif is_peft(model) and adapter_changes_base(model):
+        # PiSSA / OLoRA move the principal part of each weight into the adapter, so the adapter-disabled
+        # network is a residual, not the start point; merging the untrained adapter gives the start back.
+        reference = copy.deepcopy(model).merge_and_unload()
+    elif is_peft(model):
+        if len(model.peft_config) > 1:
+            raise TunelabError("the policy carries several adapters, so no single adapter-disabled reference exists; "
+                               "merge the trained one first (model=run merges an SFT run's LoRA) or give "
+                               "method.module.reference_model=RUN_DIR")
+        return None
+    else:
+        reference = copy.deepcopy(model)
+    return reference.requires_grad_(False).eval()
+
+
+def disable_dropout(model) -> None:
+    # Dropout would make policy and reference disagree at step 0 (loss != ln 2); TRL disables it too.
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
