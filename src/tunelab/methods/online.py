@@ -92,6 +92,7 @@ class OnPolicyModule(LanguageModelModule):
         self.ref_model = self.build_reference(model) if use_reference else None
         self.samples: list[dict] = []
         self.timings: dict[str, float] = {}
+        self.rng_state: dict | None = None  # the sampling stream's state (see sampling_rng)
 
     @staticmethod
     def build_reference(model):
@@ -137,7 +138,7 @@ class OnPolicyModule(LanguageModelModule):
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.phase("generate"):
+            with self.phase("generate"), self.sampling_rng():
                 out = self.model.generate(
                     input_ids=query, attention_mask=query_mask, do_sample=do_sample, max_new_tokens=g["max_new_tokens"],
                     temperature=g["temperature"] if do_sample else None, top_k=g["top_k"] if do_sample else None,
@@ -250,6 +251,40 @@ class OnPolicyModule(LanguageModelModule):
                                   num_training_steps=max(total, 1),
                                   scheduler_specific_kwargs=dict(self.scheduler_cfg.get("kwargs") or {}))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- the sampling RNG: its own stream per rank, saved in checkpoints, so a resumed run samples what an
+    # uninterrupted one would (the global RNG is also drawn by data loaders each time one starts an epoch)
+
+    @contextlib.contextmanager
+    def sampling_rng(self):
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            if self.rng_state is None:
+                torch.manual_seed(torch.initial_seed() + 1000003 * self.global_rank)
+            else:
+                torch.set_rng_state(self.rng_state["cpu"])
+                if cuda and self.rng_state.get("cuda") is not None:
+                    torch.cuda.set_rng_state(self.rng_state["cuda"], self.device)
+            yield
+            self.rng_state = {"cpu": torch.get_rng_state(),
+                              "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.rng_state is None:
+            return
+        for kind, state in self.rng_state.items():
+            if state is None:
+                continue
+            if self.trainer.world_size > 1:  # every rank keeps its own stream (the hook runs on all ranks)
+                state = self.all_gather(state.to(self.device)).cpu()
+            checkpoint[f"sampling_rng_{kind}"] = state.reshape(self.trainer.world_size, -1)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        states = {kind: checkpoint.get(f"sampling_rng_{kind}") for kind in ("cpu", "cuda")}
+        if states["cpu"] is not None and rank < len(states["cpu"]):
+            self.rng_state = {kind: None if s is None else s[rank].clone() for kind, s in states.items()}
 
     def rewards_to_device(self) -> list:
         """The reward callables that hold a network (moved to the policy's device at fit start)."""

@@ -300,6 +300,7 @@ class PPOModule(OnPolicyModule):
         checkpoint["ppo_kl_coef"] = self.kl.value  # the adaptive controller's state, so a resume continues it
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.kl.value = checkpoint.get("ppo_kl_coef", self.kl.value)
 
     def rewards_to_device(self) -> list:
