@@ -85,6 +85,7 @@ def test_every_checked_value_names_a_key_of_the_composed_config(tmp_path):
     ("sft", "tunelab.data.DataModule"), ("pretrain", "tunelab.data.DataModule"),
     ("dpo", "tunelab.data.preference.PreferenceDataModule"), ("reward", "tunelab.data.preference.PreferenceDataModule"),
     ("ppo", "tunelab.data.preference.PreferenceDataModule"), ("contrastive", "tunelab.data.pairs.PairsDataModule"),
+    ("grpo", "tunelab.data.preference.PreferenceDataModule"), ("rloo", "tunelab.data.preference.PreferenceDataModule"),
 ])
 def test_data_custom_takes_the_methods_kind_of_data(tmp_path, method, datamodule):
     cfg = make_cfg(tmp_path, f"method={method}", "data=custom", "data.source=mine.jsonl")

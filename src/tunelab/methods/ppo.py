@@ -8,17 +8,15 @@ so that each can be checked by hand; the module only sequences them.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from tunelab.errors import TunelabError
 from tunelab.core.inference import autocast
-from tunelab.methods.base import LanguageModelModule
+from tunelab.methods.online import (OnPolicyModule, active, disable_dropout, masked_mean, response_mask,  # noqa: F401
+                                    to_left_padding)
 from tunelab.methods.reward import HEAD, position_ids, unwrap
 from tunelab.methods.rewards import check_scores, describe
 
@@ -26,10 +24,6 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- maths
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -113,29 +107,6 @@ def explained_variance(values, returns, mask) -> torch.Tensor:
     return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
 
 
-def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask over each response up to and including its first EOS, whether an EOS came at all).
-
-    Only the response is looked at: an EOS in the prompt (or pad == EOS) never ends a response."""
-    is_eos = responses == eos_token_id
-    has_eos = is_eos.any(-1)
-    first = torch.where(has_eos, is_eos.long().argmax(-1), torch.full_like(has_eos, responses.shape[1] - 1, dtype=torch.long))
-    positions = torch.arange(responses.shape[1], device=responses.device)
-    return (positions[None, :] <= first[:, None]).long(), has_eos
-
-
-def to_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int):
-    """Prompts right-aligned, so that generation continues every prompt from the same position."""
-    lengths = attention_mask.sum(-1)
-    width = input_ids.shape[1]
-    ids = torch.full_like(input_ids, pad_token_id)
-    mask = torch.zeros_like(attention_mask)
-    for i, n in enumerate(lengths.tolist()):
-        real = input_ids[i][attention_mask[i].bool()]
-        ids[i, width - n :], mask[i, width - n :] = real, 1
-    return ids, mask
-
-
 class AdaptiveKL:
     """beta fixed, or adapted towards a target KL (Ziegler et al. 2019) when `target` is set."""
 
@@ -166,8 +137,10 @@ class Rollout:
     texts: list[str]
 
 
-class PPOModule(LanguageModelModule):
+class PPOModule(OnPolicyModule):
     """Policy (the `model`), a frozen reference, a value function, and a reward callable."""
+
+    prefix = "ppo"
 
     def __init__(self, model, optimizer, scheduler=None, *, reward, monitors: dict | None = None,
                  value_model: str | None = None, max_new_tokens: int = 32, temperature: float = 0.7,
@@ -177,38 +150,18 @@ class PPOModule(LanguageModelModule):
                  cliprange_value: float | None = 0.2, vf_coef: float = 0.1, ppo_epochs: int = 4,
                  num_minibatches: int = 1, missing_eos_penalty: float | None = 1.0, score_clip: float | None = None,
                  max_grad_norm: float | None = 1.0, log_samples: int = 4):
-        super().__init__(model, optimizer, scheduler)
-        self.automatic_optimization = False
+        super().__init__(model, optimizer, scheduler, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, log_samples=log_samples, max_grad_norm=max_grad_norm)
         self.reward_fn, self.monitors = reward, active(monitors)
-        self.generation = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.kl = AdaptiveKL(kl_coef, kl_target, kl_horizon)
         self.kl_estimator, self.gamma, self.lam = kl_estimator, gamma, lam
         self.whiten_advantages, self.whiten_rewards = whiten_advantages, whiten_rewards
         self.cliprange, self.cliprange_value, self.vf_coef = cliprange, cliprange_value, vf_coef
         self.ppo_epochs, self.num_minibatches = ppo_epochs, num_minibatches
         self.missing_eos_penalty, self.score_clip = missing_eos_penalty, score_clip
-        self.max_grad_norm, self.log_samples = max_grad_norm, log_samples
-        if temperature <= 0:
-            raise TunelabError("method.module.temperature must be > 0 (PPO samples; the same temperature scales every log-prob)")
-        disable_dropout(model)
-        self.ref_model = self.build_reference(model)
         self.value_net = self.build_value(model, value_model)
-        self.samples: list[dict] = []
 
     # -- the networks
-
-    @staticmethod
-    def build_reference(model):
-        """None: the adapter-disabled policy is the reference (a fresh LoRA); else a frozen copy."""
-        from peft import PeftModel
-
-        if isinstance(model, PeftModel):
-            if len(model.peft_config) > 1:
-                raise TunelabError("the policy carries several adapters; merge the trained one first "
-                                   "(model=run merges an SFT run's LoRA) so the reference is well defined")
-            return None
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
-        return reference
 
     @staticmethod
     def build_value(model, value_model: str | None):
@@ -226,22 +179,14 @@ class PPOModule(LanguageModelModule):
 
     def forward_pass(self, model, query, query_mask, response, mask, with_values: bool):
         """Log-probs of the response tokens (at the sampling temperature), entropies, and values."""
-        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-
-        ids = torch.cat([query, response], 1)
-        attention = torch.cat([query_mask, mask], 1)
         want_hidden = with_values and isinstance(self.value_net, torch.nn.Linear)
-        out = model(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention), use_cache=False,
-                    output_hidden_states=want_hidden)
-        start = query.shape[1] - 1
-        logits = out.logits[:, start:-1].float() / self.generation["temperature"]
-        logprobs = selective_log_softmax(logits, response)
-        entropy = entropy_from_logits(logits)
+        logprobs, entropy, out, start = self.forward_logits(model, query, query_mask, response, mask, hidden=want_hidden)
         values = None
         if with_values:
             if want_hidden:
                 values = self.value_net(out.hidden_states[-1][:, start:-1].to(self.value_net.weight.dtype)).squeeze(-1)
             else:
+                ids, attention = torch.cat([query, response], 1), torch.cat([query_mask, mask], 1)
                 inner = unwrap(self.value_net)
                 hidden = getattr(inner, inner.base_model_prefix)(
                     input_ids=ids, attention_mask=attention, position_ids=position_ids(attention), use_cache=False
@@ -250,45 +195,12 @@ class PPOModule(LanguageModelModule):
             values = values.float()
         return logprobs, entropy, values
 
-    @torch.no_grad()
-    def reference_logprobs(self, query, query_mask, response, mask):
-        if self.ref_model is None:
-            with self.model.disable_adapter():
-                return self.forward_pass(self.model, query, query_mask, response, mask, with_values=False)[0]
-        return self.forward_pass(self.ref_model, query, query_mask, response, mask, with_values=False)[0]
-
     # -- rollout
 
-    @property
-    def tokenizer(self):
-        return self.trainer.datamodule.tokenizer
-
-    @torch.no_grad()
-    def generate(self, query, query_mask, do_sample: bool = True):
-        """Responses (pad after the first EOS), with the raw logits of each generated step."""
-        tok = self.tokenizer
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model.generate(
-                input_ids=query, attention_mask=query_mask, do_sample=do_sample,
-                max_new_tokens=self.generation["max_new_tokens"], temperature=self.generation["temperature"] if do_sample else None,
-                top_k=self.generation["top_k"] if do_sample else None, top_p=self.generation["top_p"] if do_sample else None,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, return_dict_in_generate=True,
-                output_logits=True, use_cache=True)
-        finally:
-            self.model.train(was_training)
-        response = out.sequences[:, query.shape[1] :]
-        mask, has_eos = response_mask(response, tok.eos_token_id)
-        response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
-        return response, mask, has_eos, torch.stack(out.logits, 1)
-
-    def decode(self, response, mask) -> list[str]:
-        return [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response, mask)]
-
     def score(self, prompts, texts, references, has_eos) -> torch.Tensor:
-        scores = check_scores(self.reward_fn(prompts=prompts, responses=texts, references=references), len(texts),
-                              describe(self.reward_fn)).to(self.device)
+        with self.phase("score"):
+            scores = check_scores(self.reward_fn(prompts=prompts, responses=texts, references=references), len(texts),
+                                  describe(self.reward_fn)).to(self.device)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~has_eos).float()
         if self.score_clip is not None:
@@ -296,13 +208,10 @@ class PPOModule(LanguageModelModule):
         return scores
 
     def rollout(self, batch: dict) -> tuple[Rollout, list[str], list]:
-        tok = self.tokenizer
-        query, query_mask = to_left_padding(batch["input_ids"], batch["attention_mask"], tok.pad_token_id)
-        prompts = batch.get("prompt") or [tok.decode(ids[m.bool()]) for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
-        references = batch.get("reference") or [None] * len(query)
+        query, query_mask, prompts, references = self.prompts_and_references(batch)
         response, mask, has_eos, _ = self.generate(query, query_mask)
         texts = self.decode(response, mask)
-        with torch.no_grad():
+        with torch.no_grad(), self.phase("train"):  # the old log-probs and values: the policy's own forward
             parts = [self.forward_pass(self.model, query[c], query_mask[c], response[c], mask[c], True)
                      for c in self.minibatches(len(query), shuffle=False)]
         logprobs = torch.cat([p[0] for p in parts])
@@ -333,35 +242,29 @@ class PPOModule(LanguageModelModule):
         return advantages, returns, kl
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
         r, prompts, references = self.rollout(batch)
         advantages, returns, kl = self.advantages(r)
         mask = r.mask.float()
         stats: dict[str, list] = {}
-        for epoch in range(self.ppo_epochs):
-            # The first epoch keeps rollout order, so its first minibatch repeats the rollout's forward
-            # exactly and its ratio is 1.
-            for number, idx in enumerate(self.minibatches(len(r.query), shuffle=epoch > 0)):
-                logprobs, entropy, values = self.forward_pass(self.model, r.query[idx], r.query_mask[idx],
-                                                              r.response[idx], r.mask[idx], with_values=True)
-                m = mask[idx]
-                pg_loss, pg_stats = policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, self.cliprange)
-                vf_loss, vf_clipfrac = value_loss(values, r.values[idx], returns[idx], m, self.cliprange_value)
-                loss = pg_loss + self.vf_coef * vf_loss
-                optimizer.zero_grad()
-                self.synced_backward(loss)
-                if self.max_grad_norm:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                for key, value in {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss, "value_clipfrac": vf_clipfrac,
-                                   "entropy": masked_mean(entropy, m), **pg_stats}.items():
-                    stats.setdefault(key, []).append(float(value.detach()))
-                if epoch == 0 and number == 0:
-                    deviation = ((logprobs - r.logprobs[idx]).exp() - 1).abs() * m
-                    stats["first_ratio_max_deviation"] = [float(deviation.max().detach())]
+        with self.phase("train"):
+            for epoch in range(self.ppo_epochs):
+                # The first epoch keeps rollout order, so its first minibatch repeats the rollout's forward
+                # exactly and its ratio is 1.
+                for number, idx in enumerate(self.minibatches(len(r.query), shuffle=epoch > 0)):
+                    logprobs, entropy, values = self.forward_pass(self.model, r.query[idx], r.query_mask[idx],
+                                                                  r.response[idx], r.mask[idx], with_values=True)
+                    m = mask[idx]
+                    pg_loss, pg_stats = policy_loss(logprobs, r.logprobs[idx], advantages[idx], m, self.cliprange)
+                    vf_loss, vf_clipfrac = value_loss(values, r.values[idx], returns[idx], m, self.cliprange_value)
+                    loss = pg_loss + self.vf_coef * vf_loss
+                    self.optimizer_step_on(loss)
+                    for key, value in {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss,
+                                       "value_clipfrac": vf_clipfrac, "entropy": masked_mean(entropy, m),
+                                       **pg_stats}.items():
+                        stats.setdefault(key, []).append(float(value.detach()))
+                    if epoch == 0 and number == 0:
+                        deviation = ((logprobs - r.logprobs[idx]).exp() - 1).abs() * m
+                        stats["first_ratio_max_deviation"] = [float(deviation.max().detach())]
         self.log_update(r, kl, returns, stats, prompts, references)
         self.kl.update(float((kl.sum(-1)).mean()), len(r.query) * self.trainer.world_size)
         # The update's mean loss, for callbacks that trace training (tunelab-verify); already backpropagated.
@@ -381,88 +284,27 @@ class PPOModule(LanguageModelModule):
         for name, monitor in self.monitors.items():
             values = check_scores(monitor(prompts=prompts, responses=r.texts, references=references), len(r.texts), name)
             logged[f"ppo/monitor_{name}"] = values.mean()
+        logged |= self.timing_metrics()
         self.log_dict({k: v.float().to(self.device) for k, v in logged.items()}, prog_bar=False, batch_size=len(r.query))
         self.log("ppo/mean_score", r.scores.mean(), prog_bar=True, batch_size=len(r.query))
-        self.record_samples(r, prompts, references)
+        self.record_samples([{"prompt": p[-200:], "response": t, "reference": ref, "score": float(s)}
+                             for p, t, ref, s in zip(prompts, r.texts, references, r.scores.tolist())])
 
-    def record_samples(self, r: Rollout, prompts, references) -> None:
-        """A few responses per update, to samples.jsonl in the run dir and as a W&B table when W&B logs."""
-        if not self.log_samples or not self.trainer.is_global_zero:
-            return
-        rows = [{"step": self.global_step, "prompt": p[-200:], "response": t, "reference": ref, "score": float(s)}
-                for p, t, ref, s in zip(prompts, r.texts, references, r.scores.tolist())][: self.log_samples]
-        self.samples += rows
-        with (Path(self.trainer.default_root_dir) / "samples.jsonl").open("a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
-        for logger in self.loggers:
-            if hasattr(logger, "log_table"):
-                keys = list(rows[0])
-                logger.log_table(key="ppo/samples", columns=keys, data=[[row[k] for k in keys] for row in self.samples])
+    # -- optimisation and checkpoints
 
-    # -- optimisation and device
-
-    def synced_backward(self, loss: torch.Tensor) -> None:
-        """Backward, then gradients averaged over DDP ranks.
-
-        DDP syncs only the first backward after a forward through its wrapper, and a PPO step makes
-        several backwards per training_step, so the reducer is bypassed and every minibatch averaged here."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = getattr(self.trainer.strategy, "model", None)
-        if not isinstance(wrapped, DistributedDataParallel):
-            self.manual_backward(loss)
-            return
-        with wrapped.no_sync():
-            self.manual_backward(loss)
-        world = torch.distributed.get_world_size()
-        for param in self.parameters():
-            if param.requires_grad:
-                if param.grad is None:  # a parameter unused on this rank still joins the average
-                    param.grad = torch.zeros_like(param)
-                torch.distributed.all_reduce(param.grad)
-                param.grad.div_(world)
-
-    def configure_optimizers(self):
-        from transformers import get_scheduler
-
-        optimizer = self.build_optimizer()
-        updates = self.ppo_epochs * self.num_minibatches
-        # max_steps counts optimizer steps; otherwise each rollout batch makes `updates` of them.
-        total = int(self.trainer.max_steps) if self.trainer.max_steps and self.trainer.max_steps > 0 \
-            else self.total_optimizer_steps() * updates
-        warmup = self.scheduler_cfg.get("warmup_steps") or int((self.scheduler_cfg.get("warmup_ratio") or 0.0) * total)
-        scheduler = get_scheduler(self.scheduler_cfg.get("name", "constant"), optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=max(total, 1),
-                                  scheduler_specific_kwargs=dict(self.scheduler_cfg.get("kwargs") or {}))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def updates_per_rollout(self) -> int:
+        return self.ppo_epochs * self.num_minibatches
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["ppo_kl_coef"] = self.kl.value  # the adaptive controller's state, so a resume continues it
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.kl.value = checkpoint.get("ppo_kl_coef", self.kl.value)
 
-    def on_fit_start(self) -> None:
-        if hasattr(self.reward_fn, "to"):
-            self.reward_fn.to(self.device)
-        Path(self.trainer.default_root_dir, "samples.jsonl").unlink(missing_ok=True)
-
-
-def active(monitors: dict | None) -> dict:
-    """The monitors left on: a `null` entry (`method.module.monitors.exact=null`) removes one."""
-    return {name: fn for name, fn in (monitors or {}).items() if fn is not None}
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere: log-probs at rollout and at update must come from the same function."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    config = getattr(unwrap(model), "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if config is not None and getattr(config, name, None):
-            setattr(config, name, 0.0)
+    def rewards_to_device(self) -> list:
+        return [self.reward_fn]
 
 
 # ---------------------------------------------------------------- evaluation

@@ -1,7 +1,9 @@
 """Rewards for RL methods: any callable `(prompts, responses, references) -> one float per response`.
 
-Programmatic rewards (ROUGE against the reference, exact match) serve experiments and ground-truth
-monitors; `RewardModelScorer` scores with a reward model trained by method=reward.
+Programmatic rewards (ROUGE against the reference, exact match, the numeric answer, a format regex, a
+length penalty) serve verifiable tasks, experiments and ground-truth monitors; `RewardModelScorer` scores
+with a reward model trained by method=reward. `build_rewards` turns a mapping of named `_target_` configs
+into callables with one clear line for a name that does not resolve; `WeightedRewards` sums them.
 """
 
 from __future__ import annotations
@@ -56,6 +58,125 @@ class ExactMatchReward:
 
     def __call__(self, prompts: list[str], responses: list[str], references: list[str | None]) -> list[float]:
         return [float(ref is not None and normalise(out) == normalise(ref)) for out, ref in zip(responses, references)]
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def final_number(text: str | None) -> float | None:
+    """The answer a text gives: the content of its last \\boxed{...}, else its last number (commas
+    as thousands separators allowed); None when it has none."""
+    if text is None:
+        return None
+    boxed = BOXED.findall(text)
+    numbers = NUMBER.findall(boxed[-1] if boxed else text)
+    if not numbers:
+        return None
+    try:
+        return float(numbers[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+class NumericAnswerReward:
+    """1 when the response's final number (or its \\boxed{} answer) equals the reference's, else 0."""
+
+    def __init__(self, tolerance: float = 1e-6):
+        self.tolerance = tolerance
+
+    def __call__(self, prompts: list[str], responses: list[str], references: list[str | None]) -> list[float]:
+        scores = []
+        for out, ref in zip(responses, references):
+            want, got = final_number(ref), final_number(out)
+            scores.append(float(want is not None and got is not None and abs(want - got) <= self.tolerance))
+        return scores
+
+
+class FormatReward:
+    """1 when the response matches `pattern` (the whole response with fullmatch=true), else 0."""
+
+    def __init__(self, pattern: str, fullmatch: bool = True):
+        try:
+            self.regex = re.compile(pattern, re.DOTALL)
+        except re.error as err:
+            raise TunelabError(f"FormatReward pattern {pattern!r} is not a regular expression ({err})") from None
+        self.fullmatch = fullmatch
+
+    def __call__(self, prompts: list[str], responses: list[str], references=None) -> list[float]:
+        match = self.regex.fullmatch if self.fullmatch else self.regex.search
+        return [float(match(out.strip()) is not None) for out in responses]
+
+
+class LengthPenalty:
+    """-per_word for every word past max_words (0 within it): a nudge towards short answers."""
+
+    def __init__(self, max_words: int = 20, per_word: float = 0.05):
+        self.max_words, self.per_word = max_words, per_word
+
+    def __call__(self, prompts: list[str], responses: list[str], references=None) -> list[float]:
+        return [-self.per_word * max(0, len(out.split()) - self.max_words) for out in responses]
+
+
+def build_reward(name: str, config):
+    """A reward callable from a `_target_` config: a class is instantiated with the other keys, a plain
+    function is used as it is (TRL's reward functions are plain functions)."""
+    import inspect
+
+    from hydra.utils import get_object, instantiate
+
+    if callable(config):
+        return config
+    target = config.get("_target_") if hasattr(config, "get") else None
+    if not target:
+        raise TunelabError(f"reward {name!r} has no _target_; give one, e.g. "
+                           f"method.module.rewards.{name}._target_=tunelab.methods.rewards.NumericAnswerReward")
+    try:
+        obj = get_object(target)
+    except Exception:
+        raise TunelabError(f"reward {name!r}: _target_ {target!r} does not resolve to an importable callable; "
+                           "check the module path and name (e.g. tunelab.methods.rewards.NumericAnswerReward)") from None
+    extra = [k for k in config if not str(k).startswith("_") and k != "_target_"]
+    if inspect.isfunction(obj) and not extra:
+        return obj
+    return instantiate(config, _convert_="all")
+
+
+def build_rewards(configs) -> dict:
+    """{name: callable} in config order; a null entry switches that reward off."""
+    rewards = {str(name): build_reward(str(name), cfg) for name, cfg in (configs or {}).items() if cfg is not None}
+    if not rewards:
+        raise TunelabError("no reward is set; give at least one under method.module.rewards")
+    return rewards
+
+
+class WeightedRewards:
+    """The weighted sum of several named rewards, each checked by `check_scores` (TRL's reward_weights)."""
+
+    def __init__(self, rewards: dict, weights: list[float] | None = None):
+        self.rewards = build_rewards(rewards)
+        weights = [1.0] * len(self.rewards) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(self.rewards):
+            raise TunelabError(f"reward_weights has {len(weights)} values for {len(self.rewards)} rewards "
+                               f"({', '.join(self.rewards)}); give one weight per reward, in that order")
+        self.weights = dict(zip(self.rewards, weights))
+
+    def scores(self, prompts, responses, references) -> dict[str, torch.Tensor]:
+        """{name: scores of shape (n,)} of every reward."""
+        return {name: check_scores(fn(prompts=prompts, responses=responses, references=references), len(responses),
+                                   name) for name, fn in self.rewards.items()}
+
+    def total(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[name] * value for name, value in scores.items())
+
+    def __call__(self, prompts, responses, references) -> torch.Tensor:
+        return self.total(self.scores(prompts, responses, references))
+
+    def to(self, device) -> "WeightedRewards":
+        for fn in self.rewards.values():
+            if hasattr(fn, "to"):
+                fn.to(device)
+        return self
 
 
 class RewardModelScorer:
