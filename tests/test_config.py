@@ -86,10 +86,19 @@ def test_every_checked_value_names_a_key_of_the_composed_config(tmp_path):
     ("dpo", "tunelab.data.preference.PreferenceDataModule"), ("reward", "tunelab.data.preference.PreferenceDataModule"),
     ("ppo", "tunelab.data.preference.PreferenceDataModule"), ("contrastive", "tunelab.data.pairs.PairsDataModule"),
     ("grpo", "tunelab.data.preference.PreferenceDataModule"), ("rloo", "tunelab.data.preference.PreferenceDataModule"),
+    ("kto", "tunelab.data.preference.PreferenceDataModule"), ("orpo", "tunelab.data.preference.PreferenceDataModule"),
+    ("simpo", "tunelab.data.preference.PreferenceDataModule"), ("cpo", "tunelab.data.preference.PreferenceDataModule"),
 ])
 def test_data_custom_takes_the_methods_kind_of_data(tmp_path, method, datamodule):
     cfg = make_cfg(tmp_path, f"method={method}", "data=custom", "data.source=mine.jsonl")
     assert (cfg.data._target_, cfg.data.source) == (datamodule, "mine.jsonl")
+
+
+def test_every_method_says_which_kind_of_data_data_custom_is():
+    from tunelab.paths import CONF_DIR
+
+    methods = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
+    assert methods - {p.stem for p in (CONF_DIR / "data" / "custom_for").glob("*.yaml")} == set()
 
 
 def test_data_custom_composes_without_a_method_group(tmp_path):
