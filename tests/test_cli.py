@@ -196,7 +196,9 @@ CUSTOM_RUNS = {  # method: (its quick evaluation settings, a metric only its kin
 }
 
 
-@pytest.mark.parametrize("method", sorted(CUSTOM_RUNS))
+# pretrain and reward read the same kinds as sft and dpo: under -m slow.
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in ("pretrain", "reward") else m
+                                    for m in sorted(CUSTOM_RUNS)])
 def test_data_custom_reads_a_file_of_the_methods_own_kind(tmp_path, method):
     """`data=custom` means "my file, for this method's kind of data": preference pairs under dpo/reward,
     text pairs under contrastive, raw text under pretrain (it used to be read as sft data for every method)."""

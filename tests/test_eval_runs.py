@@ -231,9 +231,11 @@ def test_zero_vs_few_shot_of_any_model_is_headed_so_in_the_order_of_report_md(tm
 
 @pytest.mark.parametrize("method, headline", [("dpo", "test/accuracy"), ("reward", "test/accuracy"),
                                               ("contrastive", "test/accuracy_at_1"), ("ppo", "test/reward"),
-                                              ("kto", "test/accuracy"), ("orpo", "test/accuracy"),
-                                              ("simpo", "test/accuracy"), ("grpo", "test/correct"),
-                                              ("rloo", "test/correct")])
+                                              ("kto", "test/accuracy"), ("grpo", "test/correct"),
+                                              # the same evaluators as dpo and grpo: under -m slow
+                                              pytest.param("orpo", "test/accuracy", marks=pytest.mark.slow),
+                                              pytest.param("simpo", "test/accuracy", marks=pytest.mark.slow),
+                                              pytest.param("rloo", "test/correct", marks=pytest.mark.slow)])
 def test_evaluate_on_a_run_of_any_method_reports_that_methods_own_metrics(tmp_path, method, headline):
     """One assembler: the run's own loader, data kind and evaluator, so re-evaluating gives its training's report."""
     from tunelab.train import train

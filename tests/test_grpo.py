@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+
 from omegaconf import OmegaConf
 
 from tests.helpers import make_cfg, read_metrics, run_train
@@ -18,9 +18,9 @@ from tunelab.errors import TunelabError
 from tunelab.methods.grpo import (GRPOModule, RLOOModule, aggregate, clipped_token_loss, group_advantages, k3_kl,
                                   rloo_advantages)
 from tunelab.methods.online import to_left_padding
+from tunelab.run.assemble import build_datamodule, build_module, load_model
 from tunelab.methods.rewards import (FormatReward, LengthPenalty, NumericAnswerReward, WeightedRewards, build_rewards,
                                      final_number)
-from tunelab.models.adapters import apply_adapter
 
 # ------------------------------------------------------------------ advantages
 
@@ -165,12 +165,9 @@ GRPO_FAST = ["trainer.precision=32-true", "data.max_train_examples=8", "data.bat
 def build(tmp_path, adapter: str, *overrides: str, method: str = "grpo"):
     cfg = make_cfg(tmp_path, f"method={method}", *GRPO_FAST, f"adapter={adapter}", "optimizer.lr=1e-2", *overrides)
     pl.seed_everything(0)
-    model, tokenizer = instantiate(cfg.model, _convert_="all")
-    dm = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all",
-                     tokenization=instantiate(cfg.method.tokenization, _convert_="all"))
-    model = apply_adapter(model, instantiate(cfg.adapter, _convert_="all"))
-    module = instantiate(cfg.method.module, model=model, optimizer=instantiate(cfg.optimizer),
-                         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True))
+    model, tokenizer = load_model(cfg)  # the assembler's own steps, so the tests build what training builds
+    dm = build_datamodule(cfg, tokenizer)
+    module = build_module(cfg, model, tokenizer)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, limit_val_batches=0, default_root_dir=str(tmp_path))
     return module, dm, trainer

@@ -103,7 +103,10 @@ def test_pairs_that_do_not_apply_are_skipped_with_the_reason(tmp_path):
     assert unpacked.status == SKIP and "packing is off" in unpacked.note
 
 
-@pytest.mark.parametrize("method", ["reward", "ppo", "dpo", "contrastive", "kto", "orpo", "simpo", "grpo", "rloo"])
+# The default run keeps the methods whose assembly differs (a reshaped head, Trainer pins, the on-policy base,
+# unpaired data); the others assemble like DPO and run under -m slow.
+@pytest.mark.parametrize("method", ["reward", "ppo", "grpo", "kto", *[pytest.param(m, marks=pytest.mark.slow) for m in
+                                                                       ("dpo", "contrastive", "orpo", "simpo", "rloo")]])
 def test_verify_builds_every_method_as_training_does(tmp_path, method):
     """verify assembles a run the way tunelab-train does: the reward head, PPO's Trainer pins, ..."""
     result = seeded(context(tmp_path, f"method={method}"))
