@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU paths, run for real on any CUDA machine in under 10 minutes (issue 18, item 5):
-#   {sft, dpo, ppo} x {lora, full} on the embedded SmolLM2-135M with the default trainer (trainer=gpu
+#   {sft, dpo, ppo} x {lora, full} and grpo (LoRA, the arithmetic task) on the embedded SmolLM2-135M with the default trainer (trainer=gpu
 #   where the default trainer is CPU-only), sft under trainer=ddp when 2+ GPUs are visible, sft under
 #   trainer=fsdp (LoRA and full; all visible GPUs, at most 2), and the TRL comparison of bench_sft.py;
 #   then one table (run, status, fit seconds and s/step, peak memory, headline metric), printed and
@@ -72,6 +72,7 @@ for method in sft dpo ppo; do
     RUNS+=("$method-$adapter|$SINGLE $extra adapter=$adapter")
   done
 done
+RUNS+=("grpo-lora|$SINGLE experiment=grpo_arithmetic method.evaluator.max_examples=$EXAMPLES adapter=lora")   # one generation batch per step
 [ "$NGPU" -ge 2 ] && RUNS+=("sft-lora-ddp|trainer=ddp trainer.devices=2")
 RUNS+=("sft-lora-fsdp|trainer=fsdp trainer.devices=$DEVICES adapter=lora")
 RUNS+=("sft-full-fsdp|trainer=fsdp trainer.devices=$DEVICES adapter=full")
