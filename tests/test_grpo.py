@@ -92,6 +92,30 @@ def loss_of(loss_type: str, beta: float, eps_high: float):
     return lambda *args: GRPOModule.loss(owner, *args)
 
 
+def test_batch_tokens_counts_every_attention_mask():
+    from tunelab.summary import batch_tokens
+
+    chosen = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    batch = {"chosen_attention_mask": chosen, "input_ids": torch.ones(2, 3), "attention_mask": chosen,
+             "rejected_attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]), "labels": torch.ones(2, 3)}
+    assert batch_tokens(batch) == {"tokens_processed": 8}  # the plain mask repeats the chosen one
+    assert batch_tokens({"attention_mask": chosen, "input_ids": torch.ones(2, 3)}) == {"tokens_processed": 3}
+
+
+@pytest.mark.parametrize("method,data", [("sft", "arithmetic_sft"), ("dpo", "arithmetic")])
+def test_eval_verifiable_scores_any_method_as_grpo_is_scored(tmp_path, method, data):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, f"method={method}", f"data={data}", "eval=verifiable", "trainer.max_steps=2",
+              "data.batch_size=2", "eval.max_examples=4", "eval.generation.max_new_tokens=4")
+    metrics = read_metrics(run_dir)
+    assert {"test/correct", "test/format", "test/reward"} <= set(metrics["tuned"]) <= set(metrics["base"])
+    assert "test/accuracy" not in metrics["tuned"] and "test/rougeL" not in metrics["tuned"]  # no own/default eval
+    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").open()]
+    assert len(predictions) == 4 and all({"base", "tuned"} <= set(p) for p in predictions)  # 4 test prompts
+    rows = 2 * 2 * (2 if method == "dpo" else 1)  # steps x batch x (chosen and rejected)
+    assert 0 < metrics["train"]["tokens_processed"] <= rows * 96  # data.max_length of debug=fast
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
 @pytest.mark.parametrize("beta, eps_high", [(0.0, 0.2), (0.04, 0.28)])
 def test_the_loss_is_trls_grpo_loss_on_identical_inputs(loss_type, beta, eps_high):
@@ -284,6 +308,10 @@ def test_a_run_writes_metrics_and_a_loadable_policy(tmp_path, method):
     assert any(r.get(f"{method}/reward") for r in rows) and any(r.get("time/generate") for r in rows)
     recorded = OmegaConf.load(run_dir / "resolved_config.yaml")
     assert recorded.trainer.gradient_clip_val is None
+    # the cost side of a comparison: 4 updates x 2 prompts x 4 completions of at most 6 sampled tokens, each
+    # trained on once with its prompt
+    generated, processed = metrics["train"]["generated_tokens"], metrics["train"]["tokens_processed"]
+    assert 0 < generated <= 4 * 2 * 4 * 6 and processed > generated
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final") is not None

@@ -93,6 +93,7 @@ class OnPolicyModule(LanguageModelModule):
         self.samples: list[dict] = []
         self.timings: dict[str, float] = {}
         self.rng_state: dict | None = None  # the sampling stream's state (see sampling_rng)
+        self.token_counts = {"tokens_processed": 0, "generated_tokens": 0}  # since the last take_token_counts()
 
     @staticmethod
     def build_reference(model):
@@ -149,7 +150,13 @@ class OnPolicyModule(LanguageModelModule):
         response = out.sequences[:, query.shape[1] :]
         mask, has_eos = response_mask(response, tok.eos_token_id)
         response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
+        self.token_counts["generated_tokens"] += int(mask.sum())
         return response, mask, has_eos, torch.stack(out.logits, 1)
+
+    def take_token_counts(self) -> dict[str, int]:
+        """Tokens trained on (every pass of every update) and sampled since the last call (TrainingSummary's)."""
+        counts, self.token_counts = self.token_counts, dict.fromkeys(self.token_counts, 0)
+        return counts
 
     def decode(self, response, mask) -> list[str]:
         return [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response, mask)]
@@ -168,6 +175,8 @@ class OnPolicyModule(LanguageModelModule):
 
         ids = torch.cat([query, response], 1)
         attention = torch.cat([query_mask, mask], 1)
+        if torch.is_grad_enabled():  # a training pass (rollout and reference passes run under no_grad)
+            self.token_counts["tokens_processed"] += int(attention.sum())
         out = model(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention), use_cache=False,
                     output_hidden_states=hidden)
         start = query.shape[1] - 1

@@ -315,10 +315,12 @@ class PolicyEvaluator:
 
     def __init__(self, reward, monitors: dict | None = None, split: str = "test", max_examples: int | None = 64,
                  batch_size: int = 32, max_new_tokens: int = 32, precision: str | None = "auto",
-                 compare_base: bool = True):
+                 compare_base: bool = True, generation: dict | None = None):
         self.reward, self.monitors = reward, active(monitors)
         self.split, self.max_examples, self.batch_size = split, max_examples, batch_size
-        self.max_new_tokens, self.precision, self.compare_base = max_new_tokens, precision, compare_base
+        self.precision, self.compare_base = precision, compare_base
+        # generate() arguments, spelled as eval=default spells them (eval.generation.max_new_tokens=...)
+        self.generation = {"do_sample": False, "max_new_tokens": max_new_tokens, **(generation or {})}
 
     @torch.no_grad()
     def run(self, model, datamodule) -> tuple[dict[str, float], list[dict]]:
@@ -340,8 +342,8 @@ class PolicyEvaluator:
                 batch = tok(prompts[start : start + self.batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
                 with autocast(self.precision, device):
-                    out = model.generate(**batch, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                    out = model.generate(**batch, **self.generation, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id)
                 response = out[:, batch["input_ids"].shape[1] :]
                 mask, eos = response_mask(response, tok.eos_token_id)
                 texts += [tok.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response, mask)]

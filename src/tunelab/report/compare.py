@@ -15,8 +15,8 @@ LABEL_KEYS = ("run_name", "tags", "study", "overwrite", "ckpt_path")
 LABEL_PREFIXES = ("paths.", "hydra.")
 # Shown in the table when present, in this order; --metric adds to them.
 DEFAULT_METRICS = ("tuned/test/loss", "tuned/test/perplexity", "tuned/test/rougeL", "tuned/test/semantic_similarity",
-                   "tuned/test/exact_match", "train/val/loss", "train/fit_seconds", "train/peak_memory_mb",
-                   "train/trainable_params")
+                   "tuned/test/exact_match", "tuned/test/correct", "train/val/loss", "train/fit_seconds",
+                   "train/tokens_processed", "train/generated_tokens", "train/peak_memory_mb", "train/trainable_params")
 SPLIT_SEED = "data.split_seed"  # which examples are held out: runs compared on different test splits are not like with like
 
 

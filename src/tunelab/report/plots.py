@@ -104,8 +104,8 @@ def metric_bars(summary: pd.DataFrame, metrics: list[str], path: Path) -> Path |
 
 
 def cost_plot(table: pd.DataFrame, path: Path) -> Path | None:
-    """Wall time and peak memory of every run; failed or incomplete runs labelled as such."""
-    columns = [c for c in ("train/fit_seconds", "train/peak_memory_mb") if c in table]
+    """Wall time, tokens processed and peak memory of every run; failed or incomplete runs labelled as such."""
+    columns = [c for c in ("train/fit_seconds", "train/tokens_processed", "train/peak_memory_mb") if c in table]
     if not columns:
         return None
     palette = colors(list(dict.fromkeys(table.group)))

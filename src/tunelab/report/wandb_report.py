@@ -11,7 +11,7 @@ from tunelab.errors import TunelabError
 from tunelab.report.compare import Comparison
 
 CURVES = ("train/loss", "val/loss")
-COST = ("train/fit_seconds", "train/peak_memory_mb")
+COST = ("train/fit_seconds", "train/tokens_processed", "train/peak_memory_mb")
 STEP = "trainer/global_step"   # the x axis Lightning's WandbLogger logs
 
 

@@ -65,10 +65,16 @@ def build_module(cfg: DictConfig, model, tokenizer):
     return module
 
 
+TEXT_EVALUATOR = "tunelab.eval.Evaluator"  # eval=default, judge, lm_eval: text metrics against references
+
+
 def evaluator_config(cfg: DictConfig) -> DictConfig:
-    """A method whose output is not a text generator (reward, DPO, contrastive, PPO) brings its own evaluator."""
+    """The eval group, except where it is the text evaluator and the method's output is not a text
+    generator it can score (reward, DPO, contrastive, PPO, GRPO): that method brings its own. An eval group
+    of another kind (eval=verifiable) scores every method's policy the same way, so it is used as chosen."""
     method = cfg.get("method")
-    return method.evaluator if method is not None and method.get("evaluator") else cfg.eval
+    own = method.get("evaluator") if method is not None else None
+    return own if own and cfg.eval.get("_target_") == TEXT_EVALUATOR else cfg.eval
 
 
 def build_evaluator(cfg: DictConfig):
