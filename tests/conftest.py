@@ -16,6 +16,16 @@ import pytest  # noqa: E402
 from tests.helpers import embedded_tokenizer  # noqa: E402
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs 2 workers): one torch thread per worker and per process a test
+    starts, so the workers share the cores instead of oversubscribing them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's real tokenizer (chat template; pad == eos == <|im_end|>)."""
