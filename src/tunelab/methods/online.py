@@ -9,13 +9,13 @@ optimisation: one training batch of prompts is one rollout, then several optimiz
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from tunelab.core.logprobs import frozen_reference
 from tunelab.errors import TunelabError
 from tunelab.methods.base import LanguageModelModule
 from tunelab.methods.reward import position_ids, unwrap
@@ -97,15 +97,9 @@ class OnPolicyModule(LanguageModelModule):
 
     @staticmethod
     def build_reference(model):
-        """None: the adapter-disabled policy is the reference (a fresh LoRA); else a frozen copy."""
-        from peft import PeftModel
-
-        if isinstance(model, PeftModel):
-            if len(model.peft_config) > 1:
-                raise TunelabError("the policy carries several adapters; merge the trained one first "
-                                   "(model=run merges an SFT run's LoRA) so the reference is well defined")
-            return None
-        return copy.deepcopy(model).requires_grad_(False).eval()
+        """None: the adapter-disabled policy is the reference (a fresh LoRA); else a frozen start point (a copy
+        of a fully trained model, or the merged start where PiSSA/OLoRA left a residual under the adapter)."""
+        return frozen_reference(model)
 
     @property
     def tokenizer(self):
