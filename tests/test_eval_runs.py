@@ -253,3 +253,18 @@ def test_evaluate_on_a_run_of_any_method_reports_that_methods_own_metrics(tmp_pa
     # Every kind of example is fingerprinted like SFT data: the run's manifest hashes the data it read.
     data = json.loads((run / "provenance.json").read_text())["data"]
     assert {"records", "tokenizer", "preprocessing", "cache_key"} <= set(data)
+
+
+def test_an_eval_group_chosen_on_the_command_line_replaces_the_runs_own_evaluator(tmp_path):
+    """`tunelab-evaluate target=<a DPO run> eval=default`: generation metrics of its answers against the chosen
+    ones (what experiments/preference reports beside DPO's preference accuracy)."""
+    from tunelab.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    train(compose_job("train", run, ["debug=fast", "method=dpo", "trainer.max_steps=2",
+                                     "trainer.enable_progress_bar=false"]))
+    # (without eval=: DPO's own evaluator, test_evaluate_on_a_run_of_any_method_reports_that_methods_own_metrics)
+    text = run_evaluate(tmp_path / "text", f"target={run}", "eval=default", "eval.metrics.semantic_similarity=null",
+                        "eval.metrics.error_analysis=null")
+    assert "test/rougeL" in text["tuned"] and "test/accuracy" not in text["tuned"]

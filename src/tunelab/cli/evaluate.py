@@ -99,7 +99,8 @@ def evaluate_target(cfg: DictConfig) -> dict:
         gate_target(target.model_path, tokenizer, template, cfg.allow_template_mismatch)
     with open_dict(cfg):
         cfg.eval = eval_config(cfg, run_cfg)  # recorded in resolved_config.yaml as it ran
-        if run_cfg is not None and "method" in run_cfg and run_cfg.method.get("evaluator"):
+        chosen = any(o.key_or_group == "eval" for o in user_overrides("eval"))  # eval=default on a DPO run: text metrics
+        if run_cfg is not None and "method" in run_cfg and run_cfg.method.get("evaluator") and not chosen:
             cfg.method_evaluator = run_cfg.method.evaluator  # the method's own metrics (DPO, reward, ...)
     evaluator = build_evaluator(OmegaConf.create({"eval": cfg.eval, "method": {"evaluator": cfg.get("method_evaluator")}},
                                                  parent=cfg))
