@@ -67,3 +67,21 @@ def test_each_study_has_its_folder_with_question_and_command(study):
     readme = (REPO_DIR / "experiments" / study / "README.md").read_text()
     assert f"experiment={study}" in readme       # the exact command
     assert "## Question" in readme and "## Result" in readme
+
+
+COMPARISON = sorted(p.stem for p in (CONF_DIR / "experiment" / "method_comparison").glob("*.yaml"))
+
+
+def test_the_method_comparison_scores_every_method_on_one_task_and_evaluation():
+    """experiments/method_comparison/: each entry is its method, on the same records, split and evaluation."""
+    from omegaconf import OmegaConf
+
+    assert COMPARISON == ["dpo", "grpo", "ppo", "rloo", "sft"]
+    seen = set()
+    for name in COMPARISON:
+        cfg = make_cfg(Path("unused"), f"experiment=method_comparison/{name}", fast=False)
+        assert HydraConfig.get().runtime.choices["method"] == name
+        evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
+        del evaluation["compare_base"]  # the base row is computed once, by the sft entry
+        seen.add((cfg.data.source, cfg.data.split_seed, cfg.data.test_size, cfg.optimized_metric, str(evaluation)))
+    assert len(seen) == 1, seen
