@@ -71,6 +71,7 @@ def test_resume_from_the_run_dir_alone_equals_an_uninterrupted_run(tmp_path, str
     assert not (run_dir / "FAILED").exists()
     a, b = read_metrics(straight), read_metrics(run_dir)
     assert b["train"]["global_step"] == a["train"]["global_step"] == 8
+    assert b["train"]["tokens_processed"] == a["train"]["tokens_processed"] > 0  # no batch lost or counted twice
     assert b["train"]["train/loss"] == pytest.approx(a["train"]["train/loss"], rel=1e-5)
     assert b["tuned"]["test/loss"] == pytest.approx(a["tuned"]["test/loss"], rel=1e-5)
     assert b["train"]["fit_seconds"] > killed_seconds  # both parts counted

@@ -72,8 +72,8 @@ class TrainingSummary(Callback):
         take = getattr(pl_module, "take_token_counts", None)
         counts = take() if take else batch_tokens(batch)
         if trainer.world_size > 1:
-            counts = {k: int(trainer.strategy.reduce(torch.tensor(float(v), device=pl_module.device), reduce_op="sum"))
-                      for k, v in counts.items()}
+            counts = {k: int(trainer.strategy.reduce(torch.tensor(v, dtype=torch.float64, device=pl_module.device),
+                                                     reduce_op="sum")) for k, v in counts.items()}
         for key, value in counts.items():
             self.tokens[key] = self.tokens.get(key, 0) + value
 

@@ -101,7 +101,8 @@ def train(cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg, resuming=ckpt_path is not None)
     keep_history(loggers, checkpoint_step(ckpt_path))
     interrupt, summary = CheckpointOnInterrupt(run_dir / rundir.CHECKPOINTS), TrainingSummary()
-    callbacks = build_callbacks(cfg, bool(loggers)) + [interrupt, summary] + eval_callbacks(evaluator)
+    # The summary counts a batch's tokens before anything checkpoints at that batch's end (ModelCheckpoint runs last).
+    callbacks = [summary, *build_callbacks(cfg, bool(loggers)), interrupt, *eval_callbacks(evaluator)]
     progress_bar = bool(cfg.trainer.get("enable_progress_bar")) and interactive()
     trainer: pl.Trainer = build_trainer(cfg, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
                                         enable_progress_bar=progress_bar)
