@@ -174,7 +174,7 @@ def test_the_wandb_report_object_has_one_runset_per_study_grouped_and_the_expect
     assert runset.groupby == ["config.adapter.name"]          # the group choice, as W&B records it
     assert [(type(p).__name__, p.title) for p in grid.panels] == [
         ("LinePlot", "train/loss"), ("LinePlot", "val/loss"), ("BarPlot", "tuned/test/loss"),
-        ("BarPlot", "train/fit_seconds"), ("BarPlot", "train/peak_memory_mb")]
+        ("BarPlot", "train/fit_seconds"), ("BarPlot", "train/tokens_processed"), ("BarPlot", "train/peak_memory_mb")]
     assert {(p.groupby_aggfunc, p.groupby_rangefunc) for p in grid.panels} == {("mean", "stddev")}  # error bars over seeds
     assert report.title == "s1 study" and (report.entity, report.project) == ("lab", "tunelab")
     # (report._to_model(), what save() sends, looks up each runset's project online: not callable here)
