@@ -66,19 +66,13 @@ def test_dpo_reference_is_the_start_point_when_the_init_changes_the_base(init):
 
 
 def test_loraplus_gives_b_a_larger_learning_rate_than_a(tmp_path):
+    from tests.test_adapter_methods import learning_rates
     from tunelab.run.assemble import assemble, finalize
 
     cfg = finalize(make_cfg(tmp_path, "adapter=lora", "adapter.loraplus_lr_ratio=16", "optimizer.lr=1e-3"))
     module = assemble(cfg).module
-    optimizer = module.build_optimizer()
-    names = {id(p): n for n, p in module.model.named_parameters()}
-    lrs = {"lora_A": set(), "lora_B": set()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            kind = next((k for k in lrs if k in names[id(p)]), None)
-            if kind:
-                lrs[kind].add(round(group["lr"], 12))
-    assert lrs == {"lora_A": {1e-3}, "lora_B": {0.016}}
+    assert learning_rates(module) == {"lora_A": {1e-3}, "lora_B": {0.016}}
+    optimizer = module.build_optimizer()  # and every trainable parameter is in exactly one group
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in module.parameters())
 
 
