@@ -67,6 +67,27 @@ def test_qlora_trains_and_merged_is_plain_fp32_with_the_adapters_logits(tmp_path
         assert torch.allclose(final(probe).logits, merged(probe).logits, atol=1e-4)
 
 
+@torch.no_grad()
+def test_merge_gate_compares_in_fp32_when_the_4bit_layers_compute_in_bf16(tmp_path):
+    """adapter.compute_dtype=bfloat16 (what bf16-mixed gives on a GPU): the adapter's own logits are bf16-rounded,
+    so the gate evaluates the same weights in fp32, as it does for LoRA, and the merge matches within 1e-3."""
+    from tunelab.models.export import save_merged
+    from tunelab.run.assemble import assemble, finalize
+
+    parts = assemble(finalize(make_cfg(tmp_path, "adapter=qlora", "adapter.compute_dtype=bfloat16")))
+    model = parts.module.model.eval()
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(std=0.05)  # a trained-looking adapter
+    probe = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    bf16_logits = model(**probe).logits
+    gap = save_merged(model, parts.tokenizer, tmp_path / "merged", probe, tolerance=1e-3)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert gap < 1e-3 and (bf16_logits - merged(**probe).logits).abs().max() > 1e-3  # bf16 rounding alone fails the gate
+    assert all(m.compute_dtype == torch.bfloat16 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
 @pytest.fixture
 def no_bitsandbytes(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError

@@ -11,7 +11,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.models.adapters import adapter_changes_base, is_peft
-from tunelab.models.qlora import dequantized_adapter, dequantized_base, is_4bit
+from tunelab.models.qlora import computing_in, dequantized_adapter, dequantized_base, is_4bit
 
 
 def save_final(model, tokenizer, folder: Path, base_path: str | None) -> Path:
@@ -63,7 +63,8 @@ def save_merged(model, tokenizer, folder: Path, probe: dict[str, torch.Tensor], 
     merged = (dequantized_adapter(model) if is_4bit(model) else copy.deepcopy(model)).merge_and_unload()
     model.eval()
     merged.eval()
-    expected = model(**probe).logits
+    with computing_in(model, torch.float32):  # a no-op unless 4-bit layers compute in another dtype
+        expected = model(**probe).logits
     got = merged(**probe).logits
     gap = (expected - got).abs().max().item()
     if gap > tolerance:

@@ -17,6 +17,7 @@ What the export must get right (each was measured to matter, see README, Adapter
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -144,6 +145,22 @@ def quantize(model, spec: QLoRA):
             layer.support_avx512bf16_for_cpu = False
     # Layer norms in fp32 and everything frozen, as QLoRA does; gradient checkpointing is the runtime group's.
     return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
+
+
+@contextmanager
+def computing_in(model, dtype: torch.dtype):
+    """The 4-bit layers compute in `dtype` inside the block. The merge gate compares in fp32, as it does for
+    LoRA (whose training may run under bf16 autocast): a bf16 compute dtype (bf16-mixed on a GPU) would
+    otherwise make the adapter's own logits differ from any fp32 model by bf16 rounding (~0.8 on SmolLM2)."""
+    layers = [m for m in model.modules() if is_4bit_layer(m)]
+    saved = [m.compute_dtype for m in layers]
+    for layer in layers:
+        layer.compute_dtype = dtype
+    try:
+        yield model
+    finally:
+        for layer, before in zip(layers, saved):
+            layer.compute_dtype = before
 
 
 @torch.no_grad()

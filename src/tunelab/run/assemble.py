@@ -106,7 +106,9 @@ def assemble(cfg: DictConfig) -> Parts:
     model, tokenizer = load_model(cfg)
     datamodule = build_datamodule(cfg, tokenizer)
     module = build_module(cfg, model, tokenizer)
-    return Parts(model, tokenizer, datamodule, module, count_parameters(module.model))
+    # the network as it trains: adapter=qlora trains a 4-bit copy, and the full-precision model loaded here
+    # must not stay referenced (for LoRA and full fine-tuning it is the same object)
+    return Parts(module.model, tokenizer, datamodule, module, count_parameters(module.model))
 
 
 def load_base(cfg: DictConfig):
