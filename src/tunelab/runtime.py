@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.models.qlora import is_4bit_layer
 
 MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
 
@@ -26,7 +27,8 @@ def frozen_linear_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+    # bitsandbytes' Linear4bit is an nn.Linear whose weight is packed 4-bit data (adapter=qlora): not one of these
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not is_4bit_layer(m)
             and not any(p.requires_grad or uses[id(p)] > 1 for p in m.parameters(recurse=False))]
 
 

@@ -22,6 +22,7 @@ from tunelab.loggers import checkpoint_step, finish_loggers, keep_history, remem
 from tunelab.models.adapters import adapter_changes_base, is_peft
 from tunelab.models.export import save_base, save_final, save_merged
 from tunelab.models.loading import resolve_model_path
+from tunelab.models.qlora import is_4bit
 from tunelab.progress import PlainProgress, interactive
 from tunelab.provenance import write_manifest
 from tunelab.run.assemble import assemble, build_evaluator, build_trainer, finalize
@@ -55,7 +56,8 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
 def base_model_path(cfg: DictConfig, model, run_dir: Path) -> str:
     """Where the frozen base of an adapter lives, so `final/` loads on its own."""
     name = cfg.model.get("name_or_path")
-    if name and not adapter_changes_base(model):  # PiSSA / OLoRA train on a residual of the named weights
+    # PiSSA / OLoRA train on a residual of the named weights, QLoRA on their 4-bit (dequantised) copy
+    if name and not adapter_changes_base(model) and not is_4bit(model):
         return resolve_model_path(name)
     return save_base(model, run_dir / "base_model")
 

@@ -8,6 +8,7 @@ the EOS that ends a response.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -62,6 +63,10 @@ def as_reward_model(causal_lm, tokenizer, head_init_std: float | None = None):
 def reward_adapter(adapter):
     from peft import PeftConfig
 
+    from tunelab.models.qlora import QLoRA
+
+    if isinstance(adapter, QLoRA):  # the same for the LoRA on a 4-bit base
+        return dataclasses.replace(adapter, lora=reward_adapter(adapter.lora))
     if isinstance(adapter, PeftConfig):
         adapter = copy.deepcopy(adapter)
         adapter.task_type = "SEQ_CLS"

@@ -15,19 +15,24 @@ class FullFineTuning:
 
 
 def apply_adapter(model: torch.nn.Module, adapter) -> torch.nn.Module:
-    """The model to train: unchanged for full fine-tuning, wrapped by PEFT for a PeftConfig."""
+    """The model to train: unchanged for full fine-tuning, wrapped by PEFT for a PeftConfig (on a 4-bit
+    base for QLoRA)."""
     from peft import PeftConfig, get_peft_model
+
+    from tunelab.models.qlora import QLoRA, quantize
 
     if adapter is None or isinstance(adapter, FullFineTuning):
         model.requires_grad_(True)
         return model
+    if isinstance(adapter, QLoRA):  # the base quantised to 4-bit, then LoRA on it as below
+        return get_peft_model(quantize(model, adapter), adapter.lora)
     if isinstance(adapter, PeftConfig):
         from tunelab.models.sentence import add_lora, is_sentence_transformer
 
         if is_sentence_transformer(model):  # LoRA goes on its transformer module; the model stays a SentenceTransformer
             return add_lora(model, adapter)
         return get_peft_model(model, adapter)
-    raise TypeError(f"adapter must be FullFineTuning or a peft.PeftConfig, got {type(adapter).__name__}")
+    raise TypeError(f"adapter must be FullFineTuning, QLoRA or a peft.PeftConfig, got {type(adapter).__name__}")
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
@@ -86,15 +91,23 @@ def adapter_changes_base(model) -> bool:
                and c.init_lora_weights.split("_")[0] in BASE_CHANGING_INITS for c in configs)
 
 
-def qlora(bits: int = 4, quant_type: str = "nf4", **lora):
-    """adapter=qlora: LoRA over a bitsandbytes 4-bit base. Only where CUDA and bitsandbytes are present; the
-    4-bit loading and the dequantise-then-merge export are not built yet, so everywhere else it refuses."""
-    import importlib.util
+def qlora(bits: int = 4, quant_type: str = "nf4", compute_dtype: str = "auto", double_quant: bool = True, **lora):
+    """adapter=qlora: LoRA (PEFT's LoraConfig options, as adapter=lora) over a bitsandbytes 4-bit base
+    (tunelab.models.qlora). Refused in one line where bitsandbytes cannot be imported."""
+    from peft import LoraConfig
 
-    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
-    if not (torch.cuda.is_available() and have_bnb):
-        raise TunelabError("adapter=qlora needs a CUDA GPU and bitsandbytes (pip install 'tunelab[qlora]'); "
-                           f"here: cuda={'yes' if torch.cuda.is_available() else 'no'}, "
-                           f"bitsandbytes={'yes' if have_bnb else 'no'}; use adapter=lora")
-    raise TunelabError("adapter=qlora: 4-bit loading and its dequantise-then-merge export are not built yet in "
-                       "this version; use adapter=lora")
+    from tunelab.models.qlora import COMPUTE_DTYPES, QUANT_TYPES, QLoRA, import_bitsandbytes
+
+    if bits != 4:
+        raise TunelabError(f"adapter.bits={bits}: adapter=qlora quantises the base to 4 bits only; use adapter.bits=4")
+    if quant_type not in QUANT_TYPES:
+        raise TunelabError(f"adapter.quant_type={quant_type} is unknown; use one of {', '.join(QUANT_TYPES)}")
+    if compute_dtype != "auto" and compute_dtype not in COMPUTE_DTYPES:
+        raise TunelabError(f"adapter.compute_dtype={compute_dtype} is unknown; use auto or one of "
+                           f"{', '.join(COMPUTE_DTYPES)}")
+    init = lora.get("init_lora_weights", True)
+    if isinstance(init, str) and init.split("_")[0] in BASE_CHANGING_INITS:
+        raise TunelabError(f"adapter=qlora with adapter.init_lora_weights={init} is not built (it would rewrite the "
+                           "4-bit base); use true or gaussian, or adapter=lora")
+    import_bitsandbytes()
+    return QLoRA(LoraConfig(**lora), quant_type=quant_type, compute_dtype=compute_dtype, double_quant=bool(double_quant))

@@ -11,6 +11,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.models.adapters import adapter_changes_base, is_peft
+from tunelab.models.qlora import computing_in, dequantized_adapter, dequantized_base, is_4bit
 
 
 def save_final(model, tokenizer, folder: Path, base_path: str | None) -> Path:
@@ -47,17 +48,23 @@ def save_base(model, folder: Path) -> str:
     """Write the frozen base of a PEFT model (for bases with no folder of their own, e.g. the tiny model)."""
     # unload() on a copy strips the LoRA layers; saving get_base_model() would keep their
     # `base_layer` names, which a plain from_pretrained does not recognise.
-    copy.deepcopy(model).unload().save_pretrained(folder)
+    # A 4-bit base (adapter=qlora) is saved dequantised: the fp32 weights the adapter trained against.
+    base = dequantized_base(model) if is_4bit(model) else copy.deepcopy(model).unload()
+    base.save_pretrained(folder)
     return str(folder)
 
 
 @torch.no_grad()
 def save_merged(model, tokenizer, folder: Path, probe: dict[str, torch.Tensor], tolerance: float) -> float:
-    """Merge LoRA into a copy of the weights, check it gives the adapter's logits, and save it."""
-    merged = copy.deepcopy(model).merge_and_unload()
+    """Merge LoRA into a copy of the weights, check it gives the adapter's logits, and save it.
+
+    Over a 4-bit base (adapter=qlora) the copy is the adapter on the dequantised fp32 base, so the merge is
+    fp32 W + BA and merged/ is a plain fp32 model (PEFT's merge into a Linear4bit would re-quantise it)."""
+    merged = (dequantized_adapter(model) if is_4bit(model) else copy.deepcopy(model)).merge_and_unload()
     model.eval()
     merged.eval()
-    expected = model(**probe).logits
+    with computing_in(model, torch.float32):  # a no-op unless 4-bit layers compute in another dtype
+        expected = model(**probe).logits
     got = merged(**probe).logits
     gap = (expected - got).abs().max().item()
     if gap > tolerance:

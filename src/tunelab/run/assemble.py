@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.hardware import check_trainer, resolve_trainer
 from tunelab.models.adapters import apply_adapter, build_adapter, count_parameters
+from tunelab.models.qlora import QLoRA
 from tunelab.runtime import apply_runtime
 
 
@@ -55,6 +56,8 @@ def build_module(cfg: DictConfig, model, tokenizer):
     """The method's LightningModule around the adapted network: the method may reshape the network first
     (a reward head), the adapter decides what trains, the runtime group applies the speed knobs."""
     adapter, loraplus_lr_ratio = build_adapter(cfg.adapter)
+    if isinstance(adapter, QLoRA):  # its compute dtype `auto` is the trainer's precision
+        adapter = adapter.for_trainer(cfg.trainer)
     if cfg.method.get("prepare"):
         model, adapter = instantiate(cfg.method.prepare, _convert_="all")(model, tokenizer, adapter)
     model = apply_adapter(model, adapter)
@@ -103,7 +106,9 @@ def assemble(cfg: DictConfig) -> Parts:
     model, tokenizer = load_model(cfg)
     datamodule = build_datamodule(cfg, tokenizer)
     module = build_module(cfg, model, tokenizer)
-    return Parts(model, tokenizer, datamodule, module, count_parameters(module.model))
+    # the network as it trains: adapter=qlora trains a 4-bit copy, and the full-precision model loaded here
+    # must not stay referenced (for LoRA and full fine-tuning it is the same object)
+    return Parts(module.model, tokenizer, datamodule, module, count_parameters(module.model))
 
 
 def load_base(cfg: DictConfig):
