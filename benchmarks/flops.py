@@ -22,7 +22,7 @@ def machine() -> str:
 
 def cpu_kind() -> str:
     """What decides CPU speed: torch's dispatch level and whether bf16 is native (benchmarks name it)."""
-    from tunelab import hardware
+    from tunelab.platform import hardware
 
     return (f"capability {hardware.cpu_capability()}, native bf16 {hardware.cpu_bf16_instructions()}, "
             f"tunelab auto precision {hardware.auto_precision('gpu' if torch.cuda.is_available() else 'cpu').value}")
@@ -30,7 +30,7 @@ def cpu_kind() -> str:
 
 def compute_dtype() -> str:
     """The matmul dtype tunelab trains at here (trainer.precision=auto), whose peak MFU is measured against."""
-    from tunelab import hardware
+    from tunelab.platform import hardware
 
     precision = hardware.auto_precision("gpu" if torch.cuda.is_available() else "cpu").value
     return "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"

@@ -151,7 +151,7 @@ def run_trl(spec: dict, baton: Baton, best: bool):
     tunelab's batch order, which is length-grouped, so both see the same batches and the same padding
     and their losses compare 1:1.
     """
-    from tunelab.hardware import auto_precision
+    from tunelab.platform.hardware import auto_precision
 
     from datasets import Dataset
     from peft import LoraConfig

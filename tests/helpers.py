@@ -37,7 +37,7 @@ def make_cfg(run_dir: Path, *overrides: str, fast: bool = True, config: str = "t
 
 
 def run_train(run_dir: Path, *overrides: str) -> dict:
-    from tunelab.train import train
+    from tunelab.run.train import train
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return train(make_cfg(run_dir, *overrides))

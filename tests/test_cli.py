@@ -225,7 +225,7 @@ CLOSED_ENDPOINT = "http://127.0.0.1:9"
 
 def hub_env(tmp_path, **variables) -> dict:
     """The environment with an empty HF cache, none of the offline switches conftest sets, plus `variables`."""
-    from tunelab.hub import OFFLINE_VARIABLES
+    from tunelab.models.hub import OFFLINE_VARIABLES
 
     env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARIABLES}
     return env | {"HF_HOME": str(tmp_path / "hf_home")} | variables
@@ -251,7 +251,7 @@ def refusal_seconds(tmp_path_factory):
 ])
 def test_a_hub_name_while_offline_is_refused_in_seconds(tmp_path, refusal_seconds, variables, why, args, named):
     """The libraries alone retried for 35-57 s before their own error."""
-    from tunelab.hub import REACHABLE_TIMEOUT_S
+    from tunelab.models.hub import REACHABLE_TIMEOUT_S
 
     started = time.perf_counter()
     result, run_dir = tunelab_train(tmp_path, *args, env=hub_env(tmp_path, **variables))

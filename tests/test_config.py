@@ -70,11 +70,11 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def test_every_checked_value_names_a_key_of_the_composed_config(tmp_path):
-    """The preflight check table (tunelab.checks) skips keys a config lacks, so a misspelt row would
+    """The preflight check table (tunelab.config.checks) skips keys a config lacks, so a misspelt row would
     silently check nothing: every row must name a key of the default (LoRA) composition."""
     from omegaconf import OmegaConf
 
-    from tunelab.checks import CHECKS
+    from tunelab.config.checks import CHECKS
 
     cfg = make_cfg(tmp_path, "adapter=lora")
     missing = [c.key for c in CHECKS if OmegaConf.select(cfg, c.key, default="absent") == "absent"]

@@ -7,7 +7,7 @@ import torch
 
 from tunelab.core.inference import autocast
 from tunelab.eval.metrics import resolve_device
-from tunelab.hardware import training_device
+from tunelab.platform.hardware import training_device
 
 
 @pytest.fixture

@@ -280,7 +280,7 @@ def test_gradient_checkpointing_gives_dpo_the_same_loss_and_gradients(tiny, pair
     """runtime.gradient_checkpointing reaches every method through the assembler, DPO included."""
     import copy
 
-    from tunelab.runtime import apply_runtime
+    from tunelab.core.runtime import apply_runtime
 
     model = policy(tiny[0], adapter)
     plain = DPOModule(model, optimizer(1e-3))

@@ -126,7 +126,7 @@ def module_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, module_cache) -> Path:
-    from tunelab.train import train
+    from tunelab.run.train import train
 
     folder = tmp_path_factory.mktemp("run")
     train(make_cfg(folder, *TRAIN))

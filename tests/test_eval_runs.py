@@ -35,7 +35,7 @@ def run_evaluate(out_dir: Path, *overrides: str) -> dict:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from tunelab.train import train
+    from tunelab.run.train import train
 
     folder = tmp_path_factory.mktemp("run")
     train(compose_job("train", folder, TRAIN))
@@ -73,9 +73,9 @@ def test_generation_metrics_are_logged_during_training(run_dir):
 
 
 def test_few_shot_prompts_hold_k_train_examples_as_earlier_turns(run_dir):
+    from tunelab.data import DataModule
     from tunelab.eval import Evaluator
     from tunelab.models import build_tiny_llama
-    from tunelab.data import DataModule
 
     _, tokenizer = build_tiny_llama()
     datamodule = DataModule(tokenizer, "tunelab:facts_instruct.jsonl", max_train_examples=24)
@@ -110,7 +110,7 @@ OWN_EVAL = ["debug=fast", "trainer.enable_progress_bar=false", "trainer.max_step
 
 @pytest.fixture(scope="module")
 def run_with_own_eval(tmp_path_factory) -> Path:
-    from tunelab.train import train
+    from tunelab.run.train import train
 
     folder = tmp_path_factory.mktemp("own_eval")
     train(compose_job("train", folder, OWN_EVAL))
@@ -238,7 +238,7 @@ def test_zero_vs_few_shot_of_any_model_is_headed_so_in_the_order_of_report_md(tm
                                               pytest.param("rloo", "test/correct", marks=pytest.mark.slow)])
 def test_evaluate_on_a_run_of_any_method_reports_that_methods_own_metrics(tmp_path, method, headline):
     """One assembler: the run's own loader, data kind and evaluator, so re-evaluating gives its training's report."""
-    from tunelab.train import train
+    from tunelab.run.train import train
 
     model = ["model=tiny_sentence_transformer"] if method == "contrastive" else []
     run = tmp_path / "run"
@@ -258,7 +258,7 @@ def test_evaluate_on_a_run_of_any_method_reports_that_methods_own_metrics(tmp_pa
 def test_an_eval_group_chosen_on_the_command_line_replaces_the_runs_own_evaluator(tmp_path):
     """`tunelab-evaluate target=<a DPO run> eval=default`: generation metrics of its answers against the chosen
     ones (what experiments/preference reports beside DPO's preference accuracy)."""
-    from tunelab.train import train
+    from tunelab.run.train import train
 
     run = tmp_path / "run"
     run.mkdir()

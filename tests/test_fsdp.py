@@ -54,7 +54,7 @@ def test_fsdp_resume_ends_with_the_weights_of_a_straight_run(tmp_path, adapter):
 
 def test_gathered_weights_load_into_a_plain_copy_with_tied_embeddings_tied_again():
     from tunelab.models.tiny import build_tiny_llama
-    from tunelab.sharding import load_full_weights, meta_skeleton
+    from tunelab.platform.sharding import load_full_weights, meta_skeleton
 
     model, _ = build_tiny_llama()
     skeleton = meta_skeleton(model)
@@ -73,7 +73,7 @@ def test_gathered_weights_load_into_a_plain_copy_with_tied_embeddings_tied_again
     ("method=dpo method.module.precompute_ref_logps=true adapter=full", "cannot precompute reference log-probs"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard_before_anything_slow(tmp_path, override, message):
-    from tunelab.train import train
+    from tunelab.run.train import train
 
     cfg = make_cfg(tmp_path, "trainer=fsdp", *override.split())
     with pytest.raises(TunelabError, match=message):

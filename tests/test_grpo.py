@@ -93,7 +93,7 @@ def loss_of(loss_type: str, beta: float, eps_high: float):
 
 
 def test_batch_tokens_counts_every_attention_mask():
-    from tunelab.summary import batch_tokens
+    from tunelab.run.summary import batch_tokens
 
     chosen = torch.tensor([[1, 1, 0], [1, 0, 0]])
     batch = {"chosen_attention_mask": chosen, "input_ids": torch.ones(2, 3), "attention_mask": chosen,

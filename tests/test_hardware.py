@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from tests.helpers import make_cfg, run_train
-from tunelab import hardware
+from tunelab.platform import hardware
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers import FAST, make_cfg, read_metrics, run_train
-from tunelab.interrupts import RunInterrupted
+from tunelab.run.interrupts import RunInterrupted
 
 # 64 examples / batch 8 = 8 batches an epoch, 2 per optimizer step: 8 steps cross an epoch boundary.
 COMMON = ["adapter=full", "trainer.max_steps=8", "trainer.max_epochs=5", "trainer.accumulate_grad_batches=2", "trainer.precision=32-true",
@@ -73,7 +73,7 @@ def test_config_is_unchanged_by_the_interrupt_callback(tmp_path):
 
 
 def test_ckpt_path_auto_takes_the_newest_checkpoint_also_a_slurm_requeue_one(tmp_path):
-    from tunelab import rundir
+    from tunelab.run import rundir
 
     (tmp_path / "checkpoints").mkdir()
     last = tmp_path / "checkpoints" / "last.ckpt"

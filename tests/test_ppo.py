@@ -164,7 +164,7 @@ def test_fresh_adapter_kl_is_exactly_zero_and_generation_logprobs_match(tmp_path
 
 
 def test_value_model_can_start_from_a_reward_model(tmp_path):
-    from tunelab.methods.reward import as_reward_model
+    from tunelab.methods.reward_model import as_reward_model
     from tunelab.models import build_tiny_llama
 
     model, tok = build_tiny_llama()

@@ -10,7 +10,7 @@ import torch
 from tests.helpers import read_metrics, run_train, write_jsonl
 from tunelab.data.preference import PairTokenizer, PreferenceDataModule, normalize_pairs
 from tunelab.errors import TunelabError
-from tunelab.methods.reward import as_reward_model, bradley_terry_loss, load_reward_model, reward_scores
+from tunelab.methods.reward_model import as_reward_model, bradley_terry_loss, load_reward_model, reward_scores
 
 
 def test_bradley_terry_is_ln2_at_equal_rewards():

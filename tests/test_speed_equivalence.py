@@ -12,14 +12,14 @@ import functools
 import pytest
 import torch
 
+from tunelab.core.losses import backbone_and_head, token_loss_sum
+from tunelab.core.runtime import apply_runtime
 from tunelab.data.batching import Collator
 from tunelab.data.formats import normalize
 from tunelab.data.templates import PromptFormatter
 from tunelab.data.tokenize import SupervisedTokenizer
-from tunelab.core.losses import backbone_and_head, token_loss_sum
 from tunelab.methods.base import CausalLMModule
 from tunelab.models.tiny import build_tiny_llama
-from tunelab.runtime import apply_runtime
 
 RECORDS = [
     {"instruction": "Give the capital of this country.", "input": "Mozambique", "output": "The capital is Maputo."},
@@ -130,7 +130,7 @@ def test_fused_adamw_takes_the_same_steps_as_foreach(batch):
 
 def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(batch):
     """frozen_weights_dtype: the bf16 copy autocast makes of a frozen weight, stored: the same math."""
-    from tunelab.runtime import LowPrecisionFrozenWeights
+    from tunelab.core.runtime import LowPrecisionFrozenWeights
 
     model = tiny("lora")
     plain = module(model, frozen_weights_dtype=None)
@@ -149,8 +149,8 @@ def test_frozen_weights_stored_in_bf16_give_the_same_loss_and_gradients(batch):
 
 
 def test_frozen_weights_dtype_follows_the_precision():
+    from tunelab.core.runtime import frozen_weights_dtype_for
     from tunelab.errors import TunelabError
-    from tunelab.runtime import frozen_weights_dtype_for
 
     assert frozen_weights_dtype_for("auto", "bf16-mixed") is torch.bfloat16
     assert frozen_weights_dtype_for("auto", "32-true") is None
@@ -197,7 +197,7 @@ def saved_bytes(mod: CausalLMModule, batch: dict) -> int:
 
 @pytest.mark.parametrize("adapter", ["full", "lora"])
 def test_casting_block_inputs_once_gives_the_same_loss_and_gradients(batch, adapter):
-    from tunelab.runtime import CastInputsOnce
+    from tunelab.core.runtime import CastInputsOnce
 
     model = tiny(adapter)
     plain = module(model, cast_inputs_once=False)

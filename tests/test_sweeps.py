@@ -21,9 +21,9 @@ from omegaconf import OmegaConf, read_write
 
 from tests.helpers import make_cfg
 from tunelab.errors import TunelabError
-from tunelab.multirun import child_argv, job_label, optimized_value, swept_keys, sweep_job
 from tunelab.paths import CONF_DIR, REPO_DIR
 from tunelab.report import build_report
+from tunelab.study.multirun import child_argv, job_label, optimized_value, swept_keys, sweep_job
 
 # The cheapest real job: tiny model, one step, loss-only evaluation on a few examples.
 QUICK = ["debug=fast", "trainer.enable_progress_bar=false", "trainer.max_steps=1", "eval.metrics=null",

@@ -98,7 +98,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
 
     crashed = tmp_path / "crashed"
     crashed.mkdir()
-    import tunelab.train as train_module
+    import tunelab.run.train as train_module
 
     original = train_module.build_callbacks
     train_module.build_callbacks = lambda *args: original(*args) + [CrashAt(6)]

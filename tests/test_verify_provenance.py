@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import run_train
 from tunelab.errors import TunelabError
 from tunelab.paths import REPO_DIR
-from tunelab.provenance import (MANIFEST, check_fidelity, compare_metrics, read_manifest, take_reproduce_arg,
+from tunelab.run.provenance import (MANIFEST, check_fidelity, compare_metrics, read_manifest, take_reproduce_arg,
                                 tokenizer_hashes)
 
 QUICK = ["eval.metrics={}", "eval.compare_base=false", "trainer.max_steps=2"]
@@ -63,7 +63,7 @@ def test_the_gate_passes_the_training_tokenizer_and_refuses_another(run_dir, tok
 
 def test_the_gate_accepts_the_tokenizer_saved_in_final_and_checks_only_run_folders(run_dir, tokenizer, tmp_path):
     from tunelab.models.loading import load_tokenizer
-    from tunelab.provenance import gate_target
+    from tunelab.run.provenance import gate_target
 
     saved = load_tokenizer(str(run_dir / "final"))  # padded left by generation before it was saved
     assert gate_target(str(run_dir / "final"), saved, "chat") == []

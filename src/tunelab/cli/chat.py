@@ -88,7 +88,7 @@ def load_session(args: argparse.Namespace) -> Session:
 
     target = resolve_target(args.target)
     model, tokenizer = load_pretrained(target.model_path)
-    from tunelab.provenance import gate_target  # the fidelity gate: the run's own tokenizer and template
+    from tunelab.run.provenance import gate_target  # the fidelity gate: the run's own tokenizer and template
 
     gate_target(target.model_path, tokenizer, chat_template_of(target.run_config),
                 getattr(args, "allow_template_mismatch", False))

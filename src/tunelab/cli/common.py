@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 import sys
-import warnings
 
 from tunelab.errors import TunelabError
+from tunelab.run.quiet import quiet_libraries  # noqa: F401  (every entry point imports it from here)
 from tunelab.paths import CONF_DIR
 
 PASS_THROUGH_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version")
-
-
-def quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*The number of training batches.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    # conf/hydra/sweeper/basic.yaml replaces Hydra's basic sweeper by the ledger's (same schema, + _target_),
-    # so that experiment and sweep configs can still pick another sweeper; Hydra warns about the shared name.
-    warnings.filterwarnings("ignore", message="(?s).*hydra/sweeper/basic' is validated against ConfigStore schema.*")
-    for name in ("transformers", "datasets", "httpx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # lm-eval warns on every call that a model object (not a hub name) was passed, which is how tunelab uses it.
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 def die(message: str, code: int = 2) -> None:
@@ -52,7 +33,7 @@ def user_error(err: BaseException) -> TunelabError | None:
 
 def unknown_option(err: BaseException) -> TunelabError | None:
     """A config key the `_target_` does not take, e.g. a key an experiment set for another group choice."""
-    from tunelab.config_options import listed_options, no_such_option, target_parameters
+    from tunelab.config.options import listed_options, no_such_option, target_parameters
 
     text = str(err)
     arg = re.search(r"unexpected keyword argument '(\w+)'", text)
@@ -129,7 +110,8 @@ def preflight(argv: list[str], config_name: str) -> None:
     exit 2 within seconds, before Hydra creates a run dir or anything slow starts."""
     if any(flag in argv for flag in PASS_THROUGH_FLAGS):
         return
-    from tunelab import checks, hub
+    from tunelab.config import checks
+    from tunelab.models import hub
 
     overrides = command_overrides(argv)
     try:
@@ -175,7 +157,7 @@ def override_key(override: str) -> str:
 def not_overridable(err: Exception, config_name: str, overrides: list[str]) -> TunelabError | None:
     """For Hydra's "Could not override 'KEY'": the unknown-option error of KEY, judged on the config
     composed without it (None when KEY is a real option, where Hydra's `+` advice is right)."""
-    from tunelab.config_options import unknown_key_error
+    from tunelab.config.options import unknown_key_error
 
     failed = re.search(r"Could not override '([^']+)'", str(err))
     if not failed:
@@ -190,7 +172,7 @@ def not_overridable(err: Exception, config_name: str, overrides: list[str]) -> T
 
 def check_machine(cfg) -> None:
     """A trainer this machine cannot run (trainer=gpu without CUDA, deepspeed not installed)."""
-    from tunelab.hardware import check_trainer
+    from tunelab.platform.hardware import check_trainer
 
     if cfg.get("trainer") is not None:
         check_trainer(cfg.trainer)
@@ -224,7 +206,7 @@ def check_data_file(cfg) -> None:
 
 def check_override_keys(cfg, overrides: list[str]) -> None:
     """Keys set under a `_target_` node must be options of its target (hydra.* is Hydra's own business)."""
-    from tunelab.config_options import unknown_key_error
+    from tunelab.config.options import unknown_key_error
 
     for override in overrides:
         key = override_key(override)

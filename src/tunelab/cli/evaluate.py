@@ -71,10 +71,10 @@ def eval_config(cfg: DictConfig, run_cfg: DictConfig | None) -> DictConfig:
 def evaluate_target(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
-    from tunelab import rundir
     from tunelab.eval.evaluator import evaluate
     from tunelab.eval.report import comparison, print_comparison, write_reports
     from tunelab.eval.targets import resolve_target
+    from tunelab.run import rundir
     from tunelab.run.assemble import build_datamodule, build_evaluator, load_base, load_model, load_trained
 
     out_dir = Path(cfg.paths.run_dir)
@@ -93,7 +93,7 @@ def evaluate_target(cfg: DictConfig) -> dict:
     method_cfg = run_cfg if run_cfg is not None and "method" in run_cfg else cfg
     datamodule = build_datamodule(method_cfg, tokenizer, stage="test", data_cfg=data_cfg)
     if target is not None:  # the fidelity gate: the run's own tokenizer and template, or a clear refusal
-        from tunelab.provenance import gate_target
+        from tunelab.run.provenance import gate_target
 
         template = getattr(getattr(datamodule, "formatter", None), "template", "chat")
         gate_target(target.model_path, tokenizer, template, cfg.allow_template_mismatch)

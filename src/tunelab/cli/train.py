@@ -18,7 +18,7 @@ log = logging.getLogger("tunelab")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_entry(cfg: DictConfig) -> float | None:
-    from tunelab.multirun import sweep_job
+    from tunelab.study.multirun import sweep_job
     from tunelab.study.trial import recorded_trial
 
     # multirun: W&B tags/name from the swept values; DDP children run this job only; the ledger's row
@@ -32,10 +32,10 @@ def hydra_entry(cfg: DictConfig) -> float | None:
 def run_job(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tunelab import rundir
-    from tunelab.interrupts import RunInterrupted
-    from tunelab.multirun import optimized_value
-    from tunelab.train import train
+    from tunelab.run import rundir
+    from tunelab.run.interrupts import RunInterrupted
+    from tunelab.run.train import train
+    from tunelab.study.multirun import optimized_value
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
@@ -59,8 +59,8 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    from tunelab.provenance import report_reproduction, take_reproduce_arg
-    from tunelab.resume import take_run_dir_args
+    from tunelab.run.provenance import report_reproduction, take_reproduce_arg
+    from tunelab.run.resume import take_run_dir_args
 
     quiet_libraries()
     try:

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from tunelab.hardware import autocast_dtype
+from tunelab.platform.hardware import autocast_dtype
 
 
 def autocast(precision: str | None, device: torch.device):

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from tunelab.data import formats, templates, tokenize
-from tunelab.fingerprints import digest, records_fingerprint, template_fingerprint, tokenizer_fingerprint
+from tunelab.data.fingerprints import digest, records_fingerprint, template_fingerprint, tokenizer_fingerprint
 from tunelab.paths import cache_dir
 
 log = logging.getLogger(__name__)

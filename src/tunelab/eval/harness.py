@@ -78,7 +78,7 @@ def needs_hub(tasks: list[str]) -> list[str]:
 def hub_offline(tasks: list[str]) -> str | None:
     """Why the hub counts as unreachable for these tasks' data (the libraries then switched to offline mode,
     where a cached copy still loads), or None: no hub task, or the hub answers."""
-    from tunelab import hub
+    from tunelab.models import hub
 
     if not needs_hub(tasks):
         return None
@@ -176,13 +176,13 @@ class Harness:
                 "autocast": str(dtype), "lm_eval": lm_eval.__version__, "version": CACHE_VERSION}
 
     def cache_path(self, model_key: str, task: str, dtype) -> Path:
-        from tunelab.fingerprints import digest
+        from tunelab.data.fingerprints import digest
 
         return cache_dir() / "harness" / f"{digest(model_key, task, task_source(task), self.settings(dtype))}.json"
 
     def __call__(self, model, tokenizer, precision=None) -> tuple[dict[str, float], dict]:
-        from tunelab.fingerprints import model_fingerprint, tokenizer_fingerprint
-        from tunelab.hardware import autocast_dtype
+        from tunelab.data.fingerprints import model_fingerprint, tokenizer_fingerprint
+        from tunelab.platform.hardware import autocast_dtype
 
         manager = manager_for(self.tasks)
         # The dtype computed in, not the setting's name: `auto` (tunelab-evaluate) and the 32-true it resolves
@@ -242,7 +242,7 @@ class Harness:
 
 def task_source(task: str) -> str:
     """A shipped task's YAML and data by content, so editing them invalidates its cached scores."""
-    from tunelab.fingerprints import digest, file_digest
+    from tunelab.data.fingerprints import digest, file_digest
 
     if task not in local_task_names():
         return task

@@ -10,7 +10,7 @@ import torch
 from torchmetrics import SumMetric
 
 from tunelab.core.losses import backbone_and_head, supervised_loss_sum, token_loss_sum
-from tunelab.runtime import RuntimeLevers
+from tunelab.core.runtime import RuntimeLevers
 
 
 class LanguageModelModule(pl.LightningModule):
@@ -88,7 +88,7 @@ class LanguageModelModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:
-        # Lightning's hook for sharding strategies: trainer=fsdp (tunelab.sharding) shards the network here.
+        # Lightning's hook for sharding strategies: trainer=fsdp (tunelab.platform.sharding) shards the network here.
         shard = getattr(self.trainer.strategy, "shard", None)
         if shard is not None:
             shard(self)
@@ -105,7 +105,7 @@ class CausalLMModule(LanguageModelModule):
 
     head_on_supervised_only runs the LM head only where the loss looks (same loss, less compute and
     memory; models it cannot split fall back to the plain path). The speed knobs every method shares
-    are the runtime group's (src/tunelab/runtime.py).
+    are the runtime group's (src/tunelab/core/runtime.py).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler: dict | None = None,

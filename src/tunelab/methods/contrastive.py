@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 
-from tunelab.errors import TunelabError
 from tunelab.core.inference import autocast
+from tunelab.errors import TunelabError
 from tunelab.methods.base import LanguageModelModule
-from tunelab.methods.reward import last_token_index, unwrap
+from tunelab.methods.reward_model import last_token_index, unwrap
 from tunelab.models.sentence import is_sentence_transformer
 
 POOLINGS = ("mean", "last")

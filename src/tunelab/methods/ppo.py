@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tunelab.errors import TunelabError
 from tunelab.core.inference import autocast
+from tunelab.errors import TunelabError
 from tunelab.methods.online import (OnPolicyModule, active, disable_dropout, masked_mean, response_mask,  # noqa: F401
                                     to_left_padding)
-from tunelab.methods.reward import HEAD, position_ids, unwrap
+from tunelab.methods.reward_model import HEAD, position_ids, unwrap
 from tunelab.methods.rewards import check_scores, describe
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class PPOModule(OnPolicyModule):
             torch.nn.init.zeros_(head.weight)
             torch.nn.init.zeros_(head.bias)
             return head
-        from tunelab.methods.reward import load_reward_model
+        from tunelab.methods.reward_model import load_reward_model
 
         value, _ = load_reward_model(value_model)
         disable_dropout(value)

@@ -184,7 +184,7 @@ class RewardModelScorer:
     reward model is trained on: the prompt, the response and the template's end of turn."""
 
     def __init__(self, run_dir: str, batch_size: int = 32, precision: str | None = "auto"):
-        from tunelab.methods.reward import load_reward_model
+        from tunelab.methods.reward_model import load_reward_model
 
         if not run_dir or not Path(str(run_dir)).expanduser().exists():
             raise TunelabError(f"reward run dir {run_dir!r} does not exist; point it at a method=reward run")
@@ -199,7 +199,7 @@ class RewardModelScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str], references=None) -> torch.Tensor:
         from tunelab.core.inference import autocast
-        from tunelab.methods.reward import reward_scores
+        from tunelab.methods.reward_model import reward_scores
 
         device = next(self.model.parameters()).device
         texts = [p + r + self.end_of_turn for p, r in zip(prompts, responses)]

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.hub import looks_like_path
 from tunelab.models.embedded import embedded_model_dir, is_embedded
+from tunelab.models.hub import looks_like_path
 
 
 def resolve_model_path(name_or_path: str) -> str:

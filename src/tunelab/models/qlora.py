@@ -42,8 +42,8 @@ class QLoRA:
 
     def for_trainer(self, trainer_cfg) -> QLoRA:
         """This spec with `auto` made concrete for the trainer that will run it."""
-        from tunelab.hardware import training_device
-        from tunelab.sharding import uses_fsdp
+        from tunelab.platform.hardware import training_device
+        from tunelab.platform.sharding import uses_fsdp
 
         if uses_fsdp(trainer_cfg):
             raise TunelabError("adapter=qlora with trainer=fsdp is not built (FSDP would shard packed 4-bit weights); "

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.loggers import wandb_has_key
 from tunelab.report.runs import Run
+from tunelab.run.loggers import wandb_has_key
 
 
 def offline_runs(runs: list[Run]) -> list[Path]:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab.hardware import check_trainer, resolve_trainer
+from tunelab.core.runtime import apply_runtime
 from tunelab.models.adapters import apply_adapter, build_adapter, count_parameters
 from tunelab.models.qlora import QLoRA
-from tunelab.runtime import apply_runtime
+from tunelab.platform.hardware import check_trainer, resolve_trainer
 
 
 def finalize(cfg: DictConfig) -> DictConfig:

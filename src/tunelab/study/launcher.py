@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 
-from tunelab import rundir
 from tunelab.errors import TunelabError
-from tunelab.resume import is_harmless
+from tunelab.run import rundir
+from tunelab.run.resume import is_harmless
 from tunelab.study import ledger
 from tunelab.study.ledger import DONE, FAILED, PENDING, RUNNING, Row
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from tunelab import rundir
-from tunelab.interrupts import RunInterrupted
+from tunelab.run import rundir
+from tunelab.run.interrupts import RunInterrupted
 from tunelab.study import ledger
 from tunelab.study.ledger import DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING
 
@@ -41,7 +41,7 @@ def wandb_sweep_trial(sweep_dir: Path, run_id: str) -> int:
 def trial_of(cfg: DictConfig) -> Trial | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tunelab.multirun import is_multirun
+    from tunelab.study.multirun import is_multirun
 
     if not cfg.get("ledger") or not cfg.ledger.enabled or os.environ.get("LOCAL_RANK", "0") != "0":
         return None  # DDP ranks > 0 run the same trial: rank 0 records it
@@ -71,7 +71,7 @@ def continue_from_checkpoint(cfg: DictConfig, run_dir: Path) -> bool:
 
 
 def wandb_id(run_dir: Path) -> str:
-    from tunelab.loggers import WANDB_ID_FILE
+    from tunelab.run.loggers import WANDB_ID_FILE
 
     path = run_dir / WANDB_ID_FILE
     return path.read_text().strip() if path.is_file() else os.environ.get("WANDB_RUN_ID", "")

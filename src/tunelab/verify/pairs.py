@@ -152,7 +152,7 @@ def compare_exports(cfg: DictConfig, run_dir: Path, model, datamodule, batches: 
 
     from tunelab.core.losses import token_loss_sum
     from tunelab.models.export import save_final, save_merged
-    from tunelab.train import base_model_path
+    from tunelab.run.train import base_model_path
 
     tokenizer = datamodule.tokenizer
     save_final(model, tokenizer, run_dir / "final", base_model_path(cfg, model, run_dir))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> None:
-    from tunelab.cli.common import quiet_libraries
+    from tunelab.run.quiet import quiet_libraries
     from tunelab.verify.runner import compose_train_cfg, short_fit
 
     quiet_libraries()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, open_dict
 
-from tunelab.checks import UNLIMITED
+from tunelab.config.checks import UNLIMITED
 from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
@@ -197,7 +197,7 @@ def check_trainer(trainer_cfg) -> None:
     if strategy.startswith("fsdp") and not cuda_visible():
         # Lightning's FSDPStrategy (FSDP1) raises "requires a GPU accelerator"; tunelab's FSDP2 strategy does not.
         raise TunelabError(f"trainer.strategy={strategy} is Lightning's FSDP1 strategy, which needs a CUDA GPU; "
-                           "trainer=fsdp (FSDP2, tunelab.sharding) also runs on CPU processes")
+                           "trainer=fsdp (FSDP2, tunelab.platform.sharding) also runs on CPU processes")
     if is_cuda(accelerator) and not cuda_visible():
         raise TunelabError(f"trainer asks for accelerator={accelerator} but no CUDA GPU is visible; "
                            "use trainer=cpu (or trainer=ddp for several CPU processes)")

@@ -20,8 +20,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from tunelab.data.fingerprints import chat_template_fingerprint, template_fingerprint, tokenizer_fingerprint
 from tunelab.errors import TunelabError
-from tunelab.fingerprints import chat_template_fingerprint, template_fingerprint, tokenizer_fingerprint
 from tunelab.paths import REPO_DIR
 
 MANIFEST = "provenance.json"

@@ -12,22 +12,22 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from tunelab import rundir
 from tunelab.data.batching import TrackDataProgress
 from tunelab.eval.evaluator import baseline_results, eval_callbacks, evaluate
 from tunelab.eval.report import comparison, print_comparison, write_reports
-from tunelab.hardware import training_device
-from tunelab.interrupts import CheckpointOnInterrupt, install_outside_fit_handlers
-from tunelab.loggers import checkpoint_step, finish_loggers, keep_history, remember_wandb_id
 from tunelab.models.adapters import adapter_changes_base, is_peft
 from tunelab.models.export import save_base, save_final, save_merged
 from tunelab.models.loading import resolve_model_path
 from tunelab.models.qlora import is_4bit
+from tunelab.platform.hardware import training_device
+from tunelab.platform.sharding import check_shardable, full_model
 from tunelab.progress import PlainProgress, interactive
-from tunelab.provenance import write_manifest
+from tunelab.run import rundir
 from tunelab.run.assemble import assemble, build_evaluator, build_trainer, finalize
-from tunelab.sharding import check_shardable, full_model
-from tunelab.summary import TrainingSummary, reset_peak_memory
+from tunelab.run.interrupts import CheckpointOnInterrupt, install_outside_fit_handlers
+from tunelab.run.loggers import checkpoint_step, finish_loggers, keep_history, remember_wandb_id
+from tunelab.run.provenance import write_manifest
+from tunelab.run.summary import TrainingSummary, reset_peak_memory
 
 log = logging.getLogger(__name__)
 

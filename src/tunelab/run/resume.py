@@ -15,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tunelab import rundir
 from tunelab.errors import TunelabError
+from tunelab.run import rundir
 
 # Overrides that change nothing a checkpoint holds: where results go and how they are shown.
 HARMLESS = ("ckpt_path", "hydra", "logger", "eval", "trainer.enable_progress_bar", "trainer.log_every_n_steps",

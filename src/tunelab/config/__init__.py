@@ -1,0 +1,1 @@
+"""Config values checked before anything slow starts, and the options a `_target_` takes."""
