@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import make_cfg
+from tests.helpers import METHODS, make_cfg
 from tunelab.run.assemble import assemble, finalize
 
-METHODS = ["sft", "pretrain", "reward", "dpo", "kto", "orpo", "cpo", "simpo", "contrastive", "ppo", "grpo", "rloo"]
 COMBINED = ["adapter.use_dora=true", "adapter.use_rslora=true", "adapter.init_lora_weights=gaussian",
             "adapter.loraplus_lr_ratio=16"]
 

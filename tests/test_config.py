@@ -6,11 +6,10 @@ import sys
 import pytest
 from peft import LoraConfig
 
-from tests.helpers import make_cfg
+from tests.helpers import METHODS, make_cfg
 from tunelab.models import FullFineTuning
 from tunelab.models.adapters import build_adapter
 
-METHODS = ["sft", "pretrain", "dpo", "kto", "orpo", "simpo", "cpo"]
 ADAPTERS = ["full", "lora"]
 
 
@@ -81,24 +80,52 @@ def test_every_checked_value_names_a_key_of_the_composed_config(tmp_path):
     assert not missing
 
 
-@pytest.mark.parametrize("method, datamodule", [
-    ("sft", "tunelab.data.DataModule"), ("pretrain", "tunelab.data.DataModule"),
-    ("dpo", "tunelab.data.preference.PreferenceDataModule"), ("reward", "tunelab.data.preference.PreferenceDataModule"),
-    ("ppo", "tunelab.data.preference.PreferenceDataModule"), ("contrastive", "tunelab.data.pairs.PairsDataModule"),
-    ("grpo", "tunelab.data.preference.PreferenceDataModule"), ("rloo", "tunelab.data.preference.PreferenceDataModule"),
-    ("kto", "tunelab.data.preference.PreferenceDataModule"), ("orpo", "tunelab.data.preference.PreferenceDataModule"),
-    ("simpo", "tunelab.data.preference.PreferenceDataModule"), ("cpo", "tunelab.data.preference.PreferenceDataModule"),
-])
-def test_data_custom_takes_the_methods_kind_of_data(tmp_path, method, datamodule):
+@pytest.mark.parametrize("method", METHODS)
+def test_data_custom_takes_the_methods_kind_of_data(tmp_path, method):
+    """data=custom reads your file with the reader of the method's data kind: the one its own default data uses."""
+    default = make_cfg(tmp_path, f"method={method}")
     cfg = make_cfg(tmp_path, f"method={method}", "data=custom", "data.source=mine.jsonl")
-    assert (cfg.data._target_, cfg.data.source) == (datamodule, "mine.jsonl")
+    assert (cfg.data._target_, cfg.data.source) == (default.data._target_, "mine.jsonl")
+    assert (cfg.data.max_length, cfg.data.batch_size) == (default.data.max_length, default.data.batch_size)
 
 
-def test_every_method_says_which_kind_of_data_data_custom_is():
+def test_every_data_kind_has_a_reader_and_every_method_a_kind():
+    """A method names its kind in its own config; conf/data/kind/ holds one reader per kind (no list per method)."""
+    from omegaconf import OmegaConf
+
     from tunelab.paths import CONF_DIR
 
-    methods = {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
-    assert methods - {p.stem for p in (CONF_DIR / "data" / "custom_for").glob("*.yaml")} == set()
+    kinds = {p.stem for p in (CONF_DIR / "data_kind").glob("*.yaml")}
+    assert kinds == {p.stem for p in (CONF_DIR / "data" / "kind").glob("*.yaml")}
+    for method in METHODS:
+        chain, named = [method], None
+        while named is None:  # rloo and simpo take their kind from the config they extend
+            defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "method" / f"{chain[-1]}.yaml")).get("defaults", [])
+            named = next((d["override /data_kind"] for d in defaults if isinstance(d, dict) and "override /data_kind" in d), None)
+            if named is None:
+                chain.append(next(d for d in defaults if isinstance(d, str) and d != "_self_"))
+        assert named in kinds, (method, named)
+
+
+def test_no_method_config_writes_outside_method(tmp_path):
+    """Groups stay in their lane: a method's config sets only `method.*` (and picks defaults of other groups)."""
+    from omegaconf import OmegaConf
+
+    from tunelab.paths import CONF_DIR
+
+    for method in METHODS:
+        content = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
+        assert set(content) - {"defaults"} == {"method"}, method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_optimized_metric_is_the_headline_of_the_evaluator_that_runs(tmp_path, method):
+    from tunelab.config.derived import evaluator_config
+
+    cfg = make_cfg(tmp_path, f"method={method}")
+    assert cfg.optimized_metric == f"tuned/{evaluator_config(cfg).headline}"
+    assert make_cfg(tmp_path, f"method={method}", "eval=verifiable").optimized_metric == "tuned/test/reward"
+    assert make_cfg(tmp_path, f"method={method}", "optimized_metric=tuned/test/x").optimized_metric == "tuned/test/x"
 
 
 def test_data_custom_composes_without_a_method_group(tmp_path):

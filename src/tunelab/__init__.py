@@ -8,3 +8,8 @@ __version__ = "0.1.0"
 # bitsandbytes 0.50 then warns at import that the optional `kernels` package for its bf16 CPU inference kernel
 # is missing. tunelab never uses that kernel (tunelab.models.qlora switches it off), so the line is noise.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+# `${tunelab.optimized_metric:}` in conf/train.yaml: registered wherever tunelab is imported (CLI, tests, plugins).
+from tunelab.config.derived import register_resolvers as _register_resolvers  # noqa: E402
+
+_register_resolvers()

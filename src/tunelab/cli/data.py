@@ -37,10 +37,10 @@ def plain(segments: list[tuple[str, bool]]) -> str:
 
 def build_datamodule(overrides: list[str]):
     from tunelab.run.assemble import build_datamodule, load_tokenizer
-    from tunelab.verify.runner import compose_train_cfg
+    from tunelab.run.compose import compose_job
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_train_cfg(overrides, Path(tmp))
+        cfg = compose_job("train", overrides, Path(tmp))
     return build_datamodule(cfg, load_tokenizer(cfg))  # the tokenizer alone: inspecting data loads no network
 
 

@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab.errors import TunelabError
 
 KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-# Keys of a group that the assembler takes out before the target is called (models.adapters.build_adapter:
-# LoRA+'s ratio is an optimizer setting kept beside PEFT's LoraConfig fields).
-READ_BEFORE_TARGET = {"adapter": {"loraplus_lr_ratio"}}
+# Keys of a node that the assembler takes out before the target is called: LoRA+'s ratio and the adapter's learning
+# rate are optimizer settings kept beside PEFT's LoraConfig fields (models.adapters.build_adapter); an evaluator's
+# `headline` is the metric sweeps optimise (config.derived).
+READ_BEFORE_TARGET = {"adapter": {"loraplus_lr_ratio", "lr"}, "eval": {"headline"}, "method.evaluator": {"headline"}}
 
 
 def is_hydra_key(name: str) -> bool:

@@ -56,13 +56,15 @@ KNOWN_INITS = (True, False, "gaussian", "eva", "orthogonal", *BASE_CHANGING_INIT
 def build_adapter(node):
     """The adapter group as objects: (FullFineTuning or a PeftConfig, LoRA+ ratio or None).
 
-    `loraplus_lr_ratio` sits in the adapter group (it is a LoRA choice) but is an optimizer setting, not a
-    LoraConfig field, so it is taken out before PEFT sees the rest."""
+    `loraplus_lr_ratio` and `lr` sit in the adapter group (a LoRA choice; the rate this adapter trains well at,
+    which optimizer.lr follows) but are optimizer settings, not LoraConfig fields, so they are taken out before
+    PEFT sees the rest."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
     ratio = node.pop("loraplus_lr_ratio", None)
+    node.pop("lr", None)
     check_init(node.get("init_lora_weights", True))
     if ratio is not None and not ratio >= 1:
         raise TunelabError(f"adapter.loraplus_lr_ratio={ratio} must be >= 1 (B's learning rate over A's; "

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.core.runtime import apply_runtime
+from tunelab.config.derived import evaluator_config, without_headline
 from tunelab.models.adapters import apply_adapter, build_adapter, count_parameters
 from tunelab.models.qlora import QLoRA
 from tunelab.platform.hardware import check_trainer, resolve_trainer
@@ -68,20 +69,8 @@ def build_module(cfg: DictConfig, model, tokenizer):
     return module
 
 
-TEXT_EVALUATOR = "tunelab.eval.Evaluator"  # eval=default, judge, lm_eval: text metrics against references
-
-
-def evaluator_config(cfg: DictConfig) -> DictConfig:
-    """The eval group, except where it is the text evaluator and the method's output is not a text
-    generator it can score (reward, DPO, contrastive, PPO, GRPO): that method brings its own. An eval group
-    of another kind (eval=verifiable) scores every method's policy the same way, so it is used as chosen."""
-    method = cfg.get("method")
-    own = method.get("evaluator") if method is not None else None
-    return own if own and cfg.eval.get("_target_") == TEXT_EVALUATOR else cfg.eval
-
-
 def build_evaluator(cfg: DictConfig):
-    return instantiate(evaluator_config(cfg), _convert_="all")
+    return instantiate(without_headline(evaluator_config(cfg)), _convert_="all")
 
 
 def build_trainer(cfg: DictConfig, **arguments):

@@ -18,7 +18,8 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from tunelab.verify.runner import compose_train_cfg, max_relative_gap, short_fit
+from tunelab.run.compose import compose_job
+from tunelab.verify.runner import max_relative_gap, short_fit
 
 PASS, FAIL, SKIP = "pass", "FAIL", "skip"
 
@@ -62,7 +63,7 @@ class Context:
     def cfg(self, overrides: list[str], name: str) -> tuple[DictConfig, Path]:
         run_dir = self.work_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        return compose_train_cfg(overrides, run_dir), run_dir
+        return compose_job("train", overrides, run_dir), run_dir
 
 
 def override_key(override: str) -> str:

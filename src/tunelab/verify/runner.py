@@ -15,31 +15,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning import Callback
 
 from tunelab.data.batching import TrackDataProgress
 from tunelab.run.assemble import assemble, build_trainer, finalize
-
-
-def compose_train_cfg(overrides: list[str], run_dir: Path) -> DictConfig:
-    """The job config `tunelab-train OVERRIDES` would run, with its run dir set to `run_dir`."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from tunelab.paths import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.paths.run_dir = str(run_dir)
-    HydraConfig.instance().set_config(cfg)  # `${hydra:...}` interpolations resolve against it
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 @dataclass

@@ -12,11 +12,12 @@ from pathlib import Path
 
 def main(argv: list[str]) -> None:
     from tunelab.run.quiet import quiet_libraries
-    from tunelab.verify.runner import compose_train_cfg, short_fit
+    from tunelab.run.compose import compose_job
+    from tunelab.verify.runner import short_fit
 
     quiet_libraries()
     out, run_dir, overrides = Path(argv[0]), Path(argv[1]), argv[2:]
-    trace = short_fit(compose_train_cfg(overrides, run_dir), run_dir)
+    trace = short_fit(compose_job("train", overrides, run_dir), run_dir)
     if trace.module.trainer.is_global_zero:
         out.write_text(json.dumps(trace.as_dict()))
 
