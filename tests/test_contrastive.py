@@ -96,13 +96,14 @@ def test_overfitting_eight_pairs_lowers_the_loss(tokenizer, pairs_data, adapter,
     spec = FullFineTuning() if adapter == "full" else LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
     model = apply_adapter(build_tiny_llama()[0], spec)
     evaluator = RetrievalEvaluator(split="train", precision=None, pooling=pooling, temperature=0.1)
-    before, _ = evaluator.run(model, pairs_data)
+    before = evaluator.run(model, pairs_data).metrics
     module = ContrastiveModule(model, partial(torch.optim.AdamW, lr=3e-3),
                                {"name": "constant"}, temperature=0.1, pooling=pooling)
     trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=pairs_data)
-    after, rows = evaluator.run(module.model, pairs_data)
+    result = evaluator.run(module.model, pairs_data)
+    after, rows = result.metrics, result.rows
     assert after["train/loss"] < 0.5 * before["train/loss"]
     assert after["train/accuracy_at_1"] > before["train/accuracy_at_1"] and after["train/accuracy_at_1"] >= 0.75
     assert after["train/mrr"] > before["train/mrr"] and {"anchor", "retrieved", "rank"} <= set(rows[0])
@@ -192,11 +193,11 @@ def test_sentence_transformer_overfits_eight_pairs(st_pairs, adapter, one_thread
         assert trainable and all("lora_" in n for n in trainable)
         assert any("attention.self.query" in n for n in trainable) and any("output.dense" in n for n in trainable)
     evaluator = RetrievalEvaluator(split="train", precision=None, temperature=0.1)
-    before, _ = evaluator.run(model, data)
+    before = evaluator.run(model, data).metrics
     trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
-    after, _ = evaluator.run(module.model, data)
+    after = evaluator.run(module.model, data).metrics
     assert after["train/loss"] < 0.5 * before["train/loss"]
     assert after["train/accuracy_at_1"] > before["train/accuracy_at_1"] and after["train/accuracy_at_1"] >= 0.75
 

@@ -160,7 +160,7 @@ def test_step_zero_is_ln2_and_only_the_policy_gets_gradients(tiny, pairs_data, a
 def test_overfitting_four_pairs_raises_preference_accuracy(tiny, pairs_data, adapter, precompute):
     model = policy(tiny[0], adapter)
     evaluator = DPOEvaluator(split="train", batch_size=4, precision=None, beta=0.1)
-    before, _ = evaluator.run(model, pairs_data)
+    before = evaluator.run(model, pairs_data).metrics
     assert before["train/loss"] == pytest.approx(LN2, abs=1e-5) and before["train/accuracy"] == 0.5
     module = DPOModule(model, optimizer(1e-2 if adapter == "lora" else 3e-3), {"name": "constant"},
                        precompute_ref_logps=precompute)
@@ -170,7 +170,8 @@ def test_overfitting_four_pairs_raises_preference_accuracy(tiny, pairs_data, ada
     if precompute:
         assert module.ref_model is None  # dropped once the reference had scored every pair
         assert "ref_chosen_logps" in pairs_data.datasets["train"].rows[0]
-    after, rows = evaluator.run(module.model, pairs_data)
+    result = evaluator.run(module.model, pairs_data)
+    after, rows = result.metrics, result.rows
     assert after["train/accuracy"] == 1.0
     assert after["train/loss"] < 0.7 * LN2
     assert after["train/margin"] > 0 and after["train/reward_chosen"] > after["train/reward_rejected"]
@@ -245,7 +246,7 @@ def raw_model_metrics(cfg) -> dict:
     model, tokenizer = instantiate(cfg.model)
     data = instantiate(cfg.data, tokenizer=tokenizer, tokenization=instantiate(cfg.method.tokenization))
     data.setup("fit")
-    return DPOEvaluator(split="test", precision=None).run(policy(model, "lora"), data)[0]
+    return DPOEvaluator(split="test", precision=None).run(policy(model, "lora"), data).metrics
 
 
 def test_halves_of_a_batch_give_the_whole_batch_loss(tiny, pairs_data):

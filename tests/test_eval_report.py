@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tunelab.eval import ErrorAnalysis, Evaluator, ExactMatch, Rouge
-from tunelab.eval.evaluator import EvalResult
+from tunelab.eval.result import EvalResult
 from tunelab.eval.report import write_reports
 
 

@@ -51,7 +51,8 @@ def main() -> None:
         name, _, target = spec.partition("=")
         resolved = resolve_target(target)
         model, tokenizer = load_pretrained(resolved.model_path)
-        metrics, rows = evaluator.run(model, prompts_datamodule(tokenizer, args.override))
+        result = evaluator.run(model, prompts_datamodule(tokenizer, args.override))
+        metrics, rows = result.metrics, result.rows
         results[name] = {("test/exact" if k == "test/reward" else k): v for k, v in metrics.items()}
         answers[name] = rows
         print(name, json.dumps(results[name]), flush=True)

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def results_from_predictions(run_dir: Path) -> dict:
-    from tunelab.eval.evaluator import EvalResult
+    from tunelab.eval.result import EvalResult
 
     path = run_dir / "predictions.jsonl"
     if not path.is_file():

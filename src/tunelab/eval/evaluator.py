@@ -7,39 +7,17 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tunelab.errors import TunelabError
 from tunelab.core.generation import generate_completions
-from tunelab.core.inference import autocast
+from tunelab.core.inference import inference
 from tunelab.core.losses import token_loss_sum
+from tunelab.eval.result import EvalResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalResult:
-    """What one model scored: mean metrics, one row per generated example, and summaries
-    (error categories with examples, judge failures) keyed by the metric's name."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    rows: list[dict] = field(default_factory=list)
-    summaries: dict[str, dict] = field(default_factory=dict)
-
-    def __iter__(self):
-        # `metrics, rows = evaluator.run(...)` (the shape callers used first) keeps working.
-        return iter((self.metrics, self.rows))
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"metrics": self.metrics, "rows": self.rows, "summaries": self.summaries},
-                                   default=float) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> EvalResult:
-        return cls(**json.loads(path.read_text()))
 
 
 class Evaluator:
@@ -67,16 +45,13 @@ class Evaluator:
         if dataset is None or not len(dataset):
             return {}
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         total, tokens = 0.0, 0
-        for batch in datamodule.loader(split, train=False, shard=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(self.precision, device):
+        with inference(model, self.precision):
+            for batch in datamodule.loader(split, train=False, shard=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss_sum, count = token_loss_sum(logits, batch["labels"])
-            total, tokens = total + loss_sum.item(), tokens + int(count)
-        model.train(was_training)
+                loss_sum, count = token_loss_sum(logits, batch["labels"])
+                total, tokens = total + loss_sum.item(), tokens + int(count)
         loss = total / max(tokens, 1)
         return {f"{split}/loss": loss, f"{split}/perplexity": math.exp(min(loss, 50.0))}
 
@@ -187,19 +162,11 @@ class Evaluator:
         return [GenerationMetrics(self, **self.during_training)]
 
 
-def as_result(value) -> EvalResult:
-    """An EvalResult from what any evaluator returns (other evaluators may return (metrics, rows))."""
-    if isinstance(value, EvalResult):
-        return value
-    metrics, rows = value
-    return EvalResult(dict(metrics), list(rows))
-
-
 def evaluate(evaluator, name: str, model, datamodule, run_dir: Path | None = None) -> EvalResult:
     """One model's evaluation, its generations streamed to run_dir/generations/NAME.jsonl as they come."""
     started = time.perf_counter()
     if not isinstance(evaluator, Evaluator) or run_dir is None:
-        result = as_result(evaluator.run(model, datamodule))
+        result = evaluator.run(model, datamodule)
     else:
         folder = run_dir / "generations"
         folder.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 
-from tunelab.core.inference import autocast
+from tunelab.core.inference import inference
 from tunelab.errors import TunelabError
+from tunelab.eval.result import EvalResult
 from tunelab.methods.base import LanguageModelModule
-from tunelab.methods.reward_model import last_token_index, unwrap
+from tunelab.core.tensors import last_token_index, unwrap
 from tunelab.models.sentence import is_sentence_transformer
 
 POOLINGS = ("mean", "last")
@@ -182,27 +183,22 @@ class RetrievalEvaluator:
         out = []
         for start in range(0, len(rows), self.batch_size):
             batch = datamodule.collator([{"input_ids": r[f"{role}_input_ids"]} for r in rows[start : start + self.batch_size]])
-            with autocast(self.precision, device):
-                out.append(embed(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), self.pooling).cpu())
+            out.append(embed(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), self.pooling).cpu())
         return torch.cat(out)
 
-    def run(self, model, datamodule) -> tuple[dict[str, float], list[dict]]:
+    def run(self, model, datamodule) -> EvalResult:
         dataset = datamodule.datasets.get(self.split)
         if dataset is None or len(dataset) < 2:
-            return {}, []
-        was_training = model.training
-        model.eval()
-        try:
+            return EvalResult()
+        with inference(model, self.precision):
             anchors = self.embeddings(model, datamodule, dataset.rows, "anchor")
             positives = self.embeddings(model, datamodule, dataset.rows, "positive")
-        finally:
-            model.train(was_training)
         metrics = retrieval_metrics(anchors, positives, self.temperature, self.split)
         pairs = datamodule.examples[self.split]
         scores = anchors @ positives.T
         rows = [{"anchor": p.anchor, "positive": p.positive, "retrieved": pairs[t].positive, "rank": int(r)}
                 for p, t, r in zip(pairs, scores.argmax(1).tolist(), retrieval_ranks(scores).tolist())]
-        return metrics, rows[: self.max_examples or None]
+        return EvalResult(metrics, rows[: self.max_examples or None])
 
 
 def retrieval_ranks(scores: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tunelab.core.inference import autocast
+from tunelab.core.inference import inference
 from tunelab.core.logprobs import (  # noqa: F401  (re-exported: where DPO's users found them)
     chosen_nll, completion_logps, disable_dropout, frozen_reference, pair_logps, preference_accuracy, stacked_pairs)
 from tunelab.errors import TunelabError
+from tunelab.eval.result import EvalResult
 from tunelab.methods.preference import PreferenceModule
 from tunelab.models.adapters import adapter_changes_base, is_peft
 
@@ -187,23 +188,20 @@ class DPOEvaluator:
         for start in range(0, len(rows), self.batch_size):
             batch = datamodule.collator(rows[start : start + self.batch_size])
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            with autocast(self.precision, device):
-                if disable_adapter:
-                    with model.disable_adapter():
-                        values = pair_logps(model, batch, pad)
-                else:
+            if disable_adapter:
+                with model.disable_adapter():
                     values = pair_logps(model, batch, pad)
+            else:
+                values = pair_logps(model, batch, pad)
             for acc, value in zip(out, values):
                 acc.append(value.float().cpu())
         return [torch.cat(v) for v in out]
 
-    def run(self, model, datamodule) -> tuple[dict[str, float], list[dict]]:
+    def run(self, model, datamodule) -> EvalResult:
         rows, pairs = pair_rows(datamodule, self.split)
         if not rows:
-            return {}, []
-        was_training = model.training
-        model.eval()
-        try:
+            return EvalResult()
+        with inference(model, self.precision):
             chosen, rejected, n_chosen, n_rejected = self.logps(model, datamodule, rows)
             reference = None
             if is_peft(model) and not adapter_changes_base(model):
@@ -213,8 +211,6 @@ class DPOEvaluator:
             else:  # the first (base) evaluation of a full model: it is the reference of what follows
                 self.base_logps = (chosen, rejected)
                 reference = self.base_logps
-        finally:
-            model.train(was_training)
         s = self.split
         metrics = {f"{s}/logp_accuracy": preference_accuracy(chosen, rejected).item(),
                    f"{s}/logps_chosen": chosen.mean().item(), f"{s}/logps_rejected": rejected.mean().item()}
@@ -232,7 +228,7 @@ class DPOEvaluator:
                         f"{s}/reward_rejected": out.rejected_rewards.mean().item()}
             for row, c, r in zip(rows, out.chosen_rewards.tolist(), out.rejected_rewards.tolist()):
                 row |= {"reward_chosen": c, "reward_rejected": r}
-        return metrics, rows[: self.max_examples or None]
+        return EvalResult(metrics, rows[: self.max_examples or None])
 
 
 def pair_rows(datamodule, split: str) -> tuple[list[dict], list]:

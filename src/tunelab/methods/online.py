@@ -18,7 +18,7 @@ import torch
 from tunelab.core.logprobs import frozen_reference
 from tunelab.errors import TunelabError
 from tunelab.methods.base import LanguageModelModule
-from tunelab.methods.reward_model import position_ids, unwrap
+from tunelab.core.tensors import position_ids, unwrap
 
 PHASES = ("generate", "score", "reference", "train")
 

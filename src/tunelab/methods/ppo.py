@@ -15,9 +15,11 @@ import torch
 
 from tunelab.core.inference import autocast
 from tunelab.errors import TunelabError
+from tunelab.eval.result import EvalResult
 from tunelab.methods.online import (OnPolicyModule, active, disable_dropout, masked_mean, response_mask,  # noqa: F401
                                     to_left_padding)
-from tunelab.methods.reward_model import HEAD, position_ids, unwrap
+from tunelab.core.tensors import position_ids, unwrap
+from tunelab.methods.reward_model import HEAD
 from tunelab.methods.rewards import check_scores, describe
 
 log = logging.getLogger(__name__)
@@ -323,10 +325,10 @@ class PolicyEvaluator:
         self.generation = {"do_sample": False, "max_new_tokens": max_new_tokens, **(generation or {})}
 
     @torch.no_grad()
-    def run(self, model, datamodule) -> tuple[dict[str, float], list[dict]]:
+    def run(self, model, datamodule) -> EvalResult:
         examples = datamodule.examples.get(self.split, [])[: self.max_examples or None]
         if not examples:
-            return {}, []
+            return EvalResult()
         tok = datamodule.tokenizer
         device = next(model.parameters()).device
         if hasattr(self.reward, "to"):
@@ -361,4 +363,4 @@ class PolicyEvaluator:
                 row[name] = s
         metrics[f"{self.split}/response_words"] = sum(len(t.split()) for t in texts) / len(texts)
         metrics[f"{self.split}/eos_fraction"] = sum(has_eos) / len(has_eos)
-        return metrics, rows
+        return EvalResult(metrics, rows)

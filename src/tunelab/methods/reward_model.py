@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 
 from tunelab.errors import TunelabError
-from tunelab.core.inference import autocast
+from tunelab.core.inference import inference
+from tunelab.eval.result import EvalResult
+from tunelab.core.tensors import last_token_index, position_ids, unwrap
 from tunelab.methods.base import LanguageModelModule
 
 HEAD = "score"  # transformers' name for the sequence-classification head of decoder models
@@ -72,24 +74,6 @@ def reward_adapter(adapter):
         adapter.task_type = "SEQ_CLS"
         adapter.modules_to_save = sorted(set(adapter.modules_to_save or []) | {HEAD})
     return adapter
-
-
-def unwrap(model):
-    """The transformers model under a PEFT wrapper (LoRA layers stay active)."""
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each row's last real token, for right or left padding alike."""
-    width = attention_mask.shape[1]
-    return width - 1 - attention_mask.flip(-1).long().argmax(-1)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over the real tokens, so left padding shifts nothing (as generate() does)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -184,22 +168,18 @@ class PreferenceEvaluator:
         self.split, self.batch_size, self.precision = split, batch_size, precision
         self.compare_base, self.max_examples = compare_base, max_examples
 
-    @torch.no_grad()
-    def run(self, model, datamodule) -> tuple[dict[str, float], list[dict]]:
+    def run(self, model, datamodule) -> EvalResult:
         dataset = datamodule.datasets.get(self.split)
         if dataset is None or not len(dataset):
-            return {}, []
+            return EvalResult()
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         chosen, rejected = [], []
-        for batch in datamodule.loader(self.split, train=False, shard=False):
-            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            with autocast(self.precision, device):
+        with inference(model, self.precision):
+            for batch in datamodule.loader(self.split, train=False, shard=False):
+                batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
                 c, r = pair_scores(model, batch)
-            chosen.append(c.float().cpu())
-            rejected.append(r.float().cpu())
-        model.train(was_training)
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
         pairs = datamodule.examples[self.split]
         metrics = {f"{self.split}/accuracy": (chosen > rejected).float().mean().item(),
@@ -210,7 +190,7 @@ class PreferenceEvaluator:
         rows = [{"prompt": p.prompt[-1]["content"], "reference": p.reference, "rejected": p.rejected[-1]["content"],
                  "reward_chosen": c, "reward_rejected": r}
                 for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist())]
-        return metrics, rows[: self.max_examples or None]
+        return EvalResult(metrics, rows[: self.max_examples or None])
 
 
 def is_reward_folder(folder: Path) -> bool:
