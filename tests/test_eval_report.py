@@ -42,11 +42,10 @@ def test_report_has_metrics_deltas_errors_and_samples(tmp_path, results):
     assert (tmp_path / "review_sheet.csv").is_file() and (tmp_path / "review_key.json").is_file()
 
 
-def test_eval_result_round_trips_and_unpacks_like_a_pair(tmp_path, results):
+def test_eval_result_round_trips(tmp_path, results):
     results["tuned"].save(tmp_path / "r.json")
     loaded = EvalResult.load(tmp_path / "r.json")
-    metrics, rows = loaded
-    assert metrics == results["tuned"].metrics and rows[1]["prediction"] == "The capital is Lmia."
+    assert loaded == results["tuned"] and loaded.rows[1]["prediction"] == "The capital is Lmia."
 
 
 def test_wandb_logger_gets_the_side_by_side_table(tmp_path, results, monkeypatch):
