@@ -238,8 +238,7 @@ def packing(ctx: Context) -> PairResult:
     cfg, _ = ctx.cfg(ctx.overrides_for("data.packing=false"), "packing")
     target = str((cfg.method.get("tokenization") or {}).get("_target_", ""))
     if not target.endswith(("SupervisedTokenizer", "DocumentTokenizer")):
-        return PairResult(name, SKIP, note=f"method={cfg.method.name} reads no one-sequence-per-example rows "
-                                           "(packing applies to sft and pretrain)")
+        return PairResult(name, SKIP, note=f"packing is for sft/pretrain, not {cfg.method.name}")
     measured, note = packed_vs_unpacked(cfg, int(ctx.settings.batch_size) * int(ctx.settings.accumulate))
     return judge(name, measured, tolerances(ctx, "packing"), note)
 
