@@ -37,6 +37,10 @@ LORA_RUNNERS = {
 # TRL's defaults checkpoint activations; tunelab+ckpt is tunelab at that same setting.
 FULL_RUNNERS = {"tunelab": [], "tunelab+ckpt": ["runtime.gradient_checkpointing=true"], "trl-defaults": [],
                 "trl-best": []}
+# Levers the lead times before they become defaults (issue 26); run them by name: --runners tunelab,tunelab+chunked
+EXTRA_RUNNERS = {"tunelab+packed": ["data.packing=true"], "tunelab+chunked": ["runtime.chunked_loss=true"],
+                 "tunelab+compile": ["runtime.compile=true"],
+                 "tunelab+all": ["data.packing=true", "runtime.chunked_loss=true", "runtime.compile=true"]}
 
 
 def parse() -> argparse.Namespace:
@@ -48,7 +52,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--examples", type=int, default=480, help="synthetic instruction pairs to build")
-    ap.add_argument("--runners", default=None, help="comma list to run a subset, e.g. tunelab,trl-best")
+    ap.add_argument("--runners", default=None, help="comma list to run a subset, e.g. tunelab,trl-best; also "
+                    "tunelab+packed, tunelab+chunked, tunelab+compile, tunelab+all (the levers of issue 26)")
     ap.add_argument("--work", default="/tmp/tunelab-bench", help="scratch folder (data, worker logs)")
     ap.add_argument("--out", default=str(HERE / "last_run.json"))
     ap.add_argument("--trainer", default="cpu", help="tunelab trainer group: cpu or gpu")
@@ -89,7 +94,7 @@ def load_average() -> str:
 
 
 def run_mode(mode: str, args, names: list[str], data: Path, work: Path) -> dict:
-    overrides = LORA_RUNNERS if mode == "lora" else FULL_RUNNERS
+    overrides = {**(LORA_RUNNERS if mode == "lora" else FULL_RUNNERS), **EXTRA_RUNNERS}
     spec = {"mode": mode, "data": str(data), "warmup": args.warmup, "timed": args.timed, "block": args.block,
             "batch_size": args.batch_size, "max_length": args.max_length, "trainer": args.trainer}
     workers = []

@@ -25,6 +25,9 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-240}
 EXTRA=${EXTRA:-}              # appended to every tunelab-train command (e.g. to try the lines on a CPU)
 ALLOW_CPU=${ALLOW_CPU:-0}     # 1: go on without a GPU, as if there were 2 (only with EXTRA moving the runs to the CPU)
 SKIP_BENCH=${SKIP_BENCH:-0}   # 1: leave out the TRL comparison
+SKIP_SCALE=${SKIP_SCALE:-0}   # 1: leave out the 0.5B-class comparison (bench_gpu_scale.py)
+SCALE_ARGS=${SCALE_ARGS:-"--steps 10 --warmup 3"}   # e.g. "--modes full --seq-lens 8192 --steps 20"
+[ "$ALLOW_CPU" = 1 ] && [ "${1:-}" != "--list" ] && SCALE_ARGS="--tiny --seq-lens 96 --steps 2 --warmup 1"  # a CPU: the tiny size
 LIST=0
 [ "${1:-}" = "--list" ] && LIST=1
 
@@ -77,6 +80,8 @@ RUNS+=("grpo-lora|$SINGLE experiment=grpo_arithmetic method.evaluator.max_exampl
 RUNS+=("sft-lora-fsdp|trainer=fsdp trainer.devices=$DEVICES adapter=lora")
 RUNS+=("sft-full-fsdp|trainer=fsdp trainer.devices=$DEVICES adapter=full")
 TRL_CMD=("$PY" benchmarks/bench_sft.py --trainer gpu --modes lora --timed 10)
+# shellcheck disable=SC2206  # the arguments are words
+SCALE_CMD=("$PY" benchmarks/bench_gpu_scale.py $SCALE_ARGS)
 
 OUT=${OUT:-outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}
 command_for() {  # the tunelab-train command line of one run
@@ -84,6 +89,7 @@ command_for() {  # the tunelab-train command line of one run
 }
 if [ "$LIST" = 1 ]; then
   for run in "${RUNS[@]}"; do command_for "$run"; done
+  echo "${SCALE_CMD[*]} --out $OUT/bench_gpu_scale.json --work $OUT/bench_scale"
   echo "${TRL_CMD[*]} --out $OUT/bench_sft.json --work $OUT/bench"
   exit 0
 fi
@@ -107,6 +113,14 @@ if [ "$SKIP_BENCH" != 1 ]; then
   echo "  bench_sft (TRL comparison): exit $(cat "$OUT/bench_sft.rc") after $((SECONDS - t0)) s"
 fi
 
+if [ "$SKIP_SCALE" != 1 ]; then
+  t0=$SECONDS
+  timeout $((RUN_TIMEOUT * 3)) "${SCALE_CMD[@]}" --out "$OUT/bench_gpu_scale.json" --work "$OUT/bench_scale" \
+    >"$OUT/bench_gpu_scale.log" 2>&1
+  echo "$?" >"$OUT/bench_gpu_scale.rc"
+  echo "  bench_gpu_scale (0.5B-class, packed): exit $(cat "$OUT/bench_gpu_scale.rc") after $((SECONDS - t0)) s"
+fi
+
 "$PY" - "$OUT" "$NGPU x $CARD, torch $TORCH, $((SECONDS - started)) s in all" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -116,7 +130,7 @@ out, machine = Path(sys.argv[1]), sys.argv[2]
 rows, failed = [], 0
 for rc_file in sorted(out.glob("*.rc"), key=lambda p: p.stat().st_mtime):
     name, rc = rc_file.stem, rc_file.read_text().strip()
-    if name == "bench_sft":
+    if name in ("bench_sft", "bench_gpu_scale"):
         continue
     run = out / name
     if rc != "0" or not (run / "metrics.json").is_file():
@@ -150,6 +164,21 @@ elif (out / "bench_sft.rc").is_file():
                  "", "", ""))
 else:
     rows.append(("bench lora (TRL)", "skipped (SKIP_BENCH=1)", "", "", ""))
+scale = out / "bench_gpu_scale.json"
+if scale.is_file():
+    for r in json.loads(scale.read_text())["runs"]:
+        spec = r["spec"]
+        name = f"scale {spec['mode']} {spec['seq_len']} {spec['runner']}"
+        if "error" in r:
+            failed += 1
+            rows.append((name, f"FAILED: {r['error'][:120]}", "", "", ""))
+        else:
+            rows.append((name, "ok", f"({r['sec_per_step']:.3f}) {r['tokens_per_s']:.0f} tok/s",
+                         f"{r['peak_memory_mb']:.0f}", f"MFU {r['mfu']:.1%}"))
+elif (out / "bench_gpu_scale.rc").is_file():
+    failed += 1
+    rows.append(("scale (0.5B-class)", f"FAILED (exit {(out / 'bench_gpu_scale.rc').read_text().strip()}): "
+                 "see bench_gpu_scale.log", "", "", ""))
 head = ("run", "status", "fit s (s/step)", "peak MB", "headline (base -> tuned)")
 lines = [f"GPU check: {machine}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 lines += ["| " + " | ".join(r) + " |" for r in rows]

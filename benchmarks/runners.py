@@ -52,11 +52,17 @@ class Baton:
         self.channel.write(json.dumps(event) + "\n")
         self.channel.flush()
 
-    def step_end(self, attention_mask: torch.Tensor, labels: torch.Tensor, loss: float) -> None:
+    def step_end(self, attention_mask: torch.Tensor, labels: torch.Tensor, loss: float,
+                 position_ids: torch.Tensor | None = None) -> None:
         now = time.perf_counter()
         self.done += 1
         if self.done > self.warmup:
             lengths = attention_mask.sum(1).tolist()
+            if position_ids is not None:  # packed rows (data.packing): attention is per document
+                from tunelab.data.packing import document_lengths
+
+                lengths = [n for row, real in zip(position_ids.tolist(), attention_mask.tolist())
+                           for n in document_lengths([p for p, k in zip(row, real) if k])]
             self.steps.append({"seconds": now - self.mark, "lengths": lengths, "padded": attention_mask.numel(),
                                "supervised": int((labels[:, 1:] != -100).sum()), "loss": loss})
         if self.done == self.warmup:
@@ -132,7 +138,7 @@ def run_tunelab(spec: dict, baton: Baton):
 
     class Timer(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            baton.step_end(batch["attention_mask"], batch["labels"], float(outputs["loss"]))
+            baton.step_end(batch["attention_mask"], batch["labels"], float(outputs["loss"]), batch.get("position_ids"))
 
     trainer = build_trainer(cfg, logger=False, callbacks=[Timer()], enable_checkpointing=False,
                             default_root_dir=spec["work"])

@@ -188,7 +188,7 @@ def custom_records(method: str) -> list[dict]:
 
 CUSTOM_RUNS = {  # method: (its quick evaluation settings, a metric only its kind of evaluation writes)
     "sft": (["eval.compare_base=false", "eval.metrics={}"], "test/perplexity"),
-    # Packed into blocks of max_length tokens: short blocks, so the 16 short documents make several batches.
+    # One row per document (data.packing is off for data=custom), at most max_length tokens: several batches.
     "pretrain": (["eval.compare_base=false", "eval.metrics={}", "data.max_length=16"], "test/perplexity"),
     "dpo": (["method.evaluator.compare_base=false"], "test/margin"),
     "reward": (["method.evaluator.compare_base=false"], "test/margin"),

@@ -9,7 +9,7 @@ from tests.helpers import write_jsonl
 from tunelab.data.formats import Conversation, Document, normalize
 from tunelab.data.sources import load_splits, split_records
 from tunelab.data.templates import PromptFormatter
-from tunelab.data.tokenize import IGNORE, PackedTokenizer, SupervisedTokenizer
+from tunelab.data.tokenize import IGNORE, SupervisedTokenizer
 from tunelab.errors import TunelabError
 
 PAIR = {"instruction": "Name the capital of Peru.", "input": "", "output": "The capital of Peru is Lima."}
@@ -81,17 +81,6 @@ def test_formats_normalise_to_conversations(record, expected):
 
 def test_text_format_is_a_document():
     assert normalize([{"text": "abc"}]) == [Document("abc")]
-
-
-def test_packing_joins_documents_with_eos_and_supervises_every_token(tokenizer):
-    docs = normalize([{"text": "alpha beta gamma"}, {"text": "delta epsilon"}, {"text": "zeta"}])
-    rows, report = PackedTokenizer(block_size=4)(docs, PromptFormatter(tokenizer), max_length=999)
-    stream = [t for r in rows for t in r["input_ids"]]
-    assert all(len(r["input_ids"]) == 4 for r in rows[:-1])
-    assert all(r["labels"] == r["input_ids"] for r in rows)
-    assert stream.count(tokenizer.eos_token_id) == 3
-    text = tokenizer.decode(stream)
-    assert text == "alpha beta gamma<|im_end|>delta epsilon<|im_end|>zeta<|im_end|>"
 
 
 def test_truncation_keeps_max_length_and_drops_examples_with_no_response_left(tokenizer):

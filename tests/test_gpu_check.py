@@ -39,6 +39,7 @@ def test_every_training_command_it_runs_composes(tmp_path):
     assert names == {f"{m}-{a}" for m in ("sft", "dpo", "ppo") for a in ("lora", "full")} | {
         "grpo-lora", "sft-lora-ddp", "sft-lora-fsdp", "sft-full-fsdp"}
     assert "benchmarks/bench_sft.py --trainer gpu --modes lora --timed 10" in lines[-1]
+    assert "benchmarks/bench_gpu_scale.py --steps 10 --warmup 3 --out" in lines[-2]
     for cmd in training:
         overrides = [a for a in cmd[cmd.index("tunelab.cli.train") + 1 :] if not a.startswith("hydra.")]
         cfg = make_cfg(tmp_path / "composed", *overrides, fast=False)

@@ -16,10 +16,10 @@ def test_splits_train_overrides_from_verify_settings():
 
 
 def test_prints_a_table_with_skipped_pairs_and_their_reasons(capsys):
-    main(["adapter=full", "verify.tiny=true", "verify.pairs=[merge,packing]"])
+    main(["method=dpo", "adapter=full", "verify.tiny=true", "verify.pairs=[merge,packing]"])
     out = capsys.readouterr().out
     assert "adapter vs merged" in out and "packed vs unpacked" in out
-    assert out.count("skip") == 2 and "nothing to merge" in out and "packing is off" in out
+    assert out.count("skip") == 2 and "nothing to merge" in out and "packing is for" in out
 
 
 @pytest.mark.parametrize("argv, message", [

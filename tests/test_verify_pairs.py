@@ -99,8 +99,25 @@ def test_merge_pair_passes_and_fails_when_the_merge_drops_the_adapter(tmp_path, 
 def test_pairs_that_do_not_apply_are_skipped_with_the_reason(tmp_path):
     full = merge(context(tmp_path, "adapter=full"))
     assert full.status == SKIP and "nothing to merge" in full.note
-    unpacked = packing(context(tmp_path))
-    assert unpacked.status == SKIP and "packing is off" in unpacked.note
+    preference = packing(context(tmp_path, "method=dpo"))
+    assert preference.status == SKIP and "packing is for sft/pretrain" in preference.note
+
+
+@pytest.mark.parametrize("overrides", [("adapter=lora",), *[pytest.param(o, marks=pytest.mark.slow) for o in (
+    ("adapter=full",), ("method=pretrain", "adapter=lora"), ("method=pretrain", "data=facts_corpus", "adapter=full"))]])
+def test_packing_pair_passes_and_fails_when_documents_attend_to_each_other(tmp_path, monkeypatch, overrides):
+    ok = packing(context(tmp_path / "ok", *overrides))
+    assert ok.status == PASS, ok
+    assert ok.measured["grad_norm"] < 1e-5 and ok.measured["token_loss"] < 1e-5 and "tokens" not in ok.measured
+
+    # Broken on purpose: packed rows read with a plain mask, so a document attends to the ones before it in its row.
+    from tunelab.core import losses
+
+    plain = losses.model_inputs
+    monkeypatch.setattr(losses, "model_inputs", lambda model, batch: plain(model, {**batch, "position_ids": None}))
+    broken = packing(context(tmp_path / "broken", *overrides))
+    assert broken.status == FAIL, broken
+    assert broken.measured["token_loss"] > broken.tolerance["token_loss"]
 
 
 # The default run keeps the methods whose assembly differs (a reshaped head, Trainer pins, the on-policy base,

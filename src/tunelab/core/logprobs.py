@@ -13,16 +13,40 @@ from tunelab.errors import TunelabError
 from tunelab.models.adapters import adapter_changes_base, is_peft
 
 
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each next token [B, T-1], 0 where labels[:, 1:] is IGNORE; that mask), at `temperature`.
+
+    While runtime.chunked_loss is on for the model (core.losses.loss_chunk_size), the LM head runs on the
+    supervised positions only and in chunks (core.losses.chunked_token_logprobs): never [B, T, vocab] logits.
+    Gradients flow to the model either way; on-policy methods can call this for their per-token log-probs.
+    """
+    from trl.trainer.utils import selective_log_softmax
+
+    from tunelab.core.losses import backbone_and_head, chunked_token_logprobs, loss_chunk_size
+
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    chunk, split = loss_chunk_size(model), None
+    if chunk:
+        split = backbone_and_head(model)
+    if split is not None:
+        backbone, head = split
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        picked = hidden[:, :-1][mask]
+        picked = picked / temperature if temperature != 1.0 else picked  # (h/T) W^T = logits / T
+        logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        return logps.masked_scatter(mask, chunked_token_logprobs(picked, head, targets[mask], chunk)), mask
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    logits = logits / temperature if temperature != 1.0 else logits
+    return selective_log_softmax(logits, targets.masked_fill(~mask, 0)) * mask, mask
+
+
 def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log-probs of the supervised tokens, their count) per row."""
-    from trl.trainer.utils import selective_log_softmax
-
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    logps = selective_log_softmax(logits.float(), targets.masked_fill(~mask, 0))
-    return (logps * mask).sum(-1), mask.sum(-1)
+    logps, mask = token_logps(model, input_ids, attention_mask, labels)
+    return logps.sum(-1), mask.sum(-1)
 
 
 def stacked_pairs(batch: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,8 +6,11 @@ give the plain path's loss and gradients (tests/test_speed_equivalence.py):
 - frozen_weights_dtype (auto: bf16 exactly under bf16-mixed): frozen Linear weights stored as the bf16
   copies autocast would make each step (same math, half their memory, no per-step casts);
 - cast_inputs_once: under autocast, one cast of each attention/MLP block's input for all its
-  projections instead of one per projection (same forward values, less memory and copying).
-Under 32-true (AVX2 CPUs) the last two do nothing, so they can never slow an fp32 run.
+  projections instead of one per projection (same forward values, less memory and copying);
+- chunked_loss: the LM head and its cross-entropy over loss_chunk_size tokens at a time, never the whole
+  [tokens x vocab] logits (core.losses; sft, pretrain, the preference family, core.logprobs.token_logps);
+- compile: torch.compile of each decoder layer while training (the layers' parameter names stay).
+Under 32-true (AVX2 CPUs) frozen_weights_dtype and cast_inputs_once do nothing, so they can never slow an fp32 run.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tunelab.core.losses import CHUNK_ATTRIBUTE
 from tunelab.errors import TunelabError
 from tunelab.models.qlora import is_4bit_layer
 
@@ -131,6 +135,46 @@ def frozen_weights_dtype_for(setting: str | None, precision: str) -> torch.dtype
     raise TunelabError(f"runtime.frozen_weights_dtype must be auto, bfloat16 or null, got {setting!r}")
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers decoder (plain or PEFT-wrapped): the unit torch.compile gets."""
+    from transformers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+class CompiledLayers:
+    """torch.compile of each decoder layer, in place (`nn.Module.compile`): one graph per layer kind, reused by
+    every layer, and the state dict keeps its names (checkpoints, export and LoRA merge see nothing). The whole
+    model is not compiled: the loss, packing and Lightning hooks stay eager (as torchtune and prime-rl do)."""
+
+    def __init__(self, model: torch.nn.Module, backend: str = "inductor", mode: str | None = None,
+                 dynamic: bool | None = None):
+        self.layers = decoder_layers(model)
+        if not self.layers:
+            raise TunelabError(f"runtime.compile=true: no decoder layers found in {type(model).__name__} to compile; "
+                               "set runtime.compile=false")
+        for layer in self.layers:
+            layer.compile(backend=backend, mode=mode, dynamic=dynamic)
+
+    def restore(self) -> None:
+        for layer in self.layers:
+            layer._compiled_call_impl = None  # back to eager: evaluation and generation after training
+        self.layers = []
+
+
+class ChunkedLoss:
+    """runtime.chunked_loss: marks the model so every token loss runs its LM head in chunks (core.losses)."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int):
+        if int(chunk_size) < 1:
+            raise TunelabError(f"runtime.loss_chunk_size must be a positive number of tokens, got {chunk_size}")
+        self.model = model
+        setattr(model, CHUNK_ATTRIBUTE, int(chunk_size))
+
+    def restore(self) -> None:
+        self.model.__dict__.pop(CHUNK_ATTRIBUTE, None)
+
+
 @dataclass
 class RuntimeLevers:
     """The runtime group's settings on one module; applied when fit starts, undone when it ends."""
@@ -138,10 +182,18 @@ class RuntimeLevers:
     gradient_checkpointing: bool = False
     frozen_weights_dtype: str | None = "auto"
     cast_inputs_once: bool = True
+    chunked_loss: bool = False
+    loss_chunk_size: int = 1024
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
+    compile_dynamic: bool | None = None
 
     def __post_init__(self):
         self.low_precision: LowPrecisionFrozenWeights | None = None
         self.cast_once: CastInputsOnce | None = None
+        self.chunked: ChunkedLoss | None = None
+        self.compiled: CompiledLayers | None = None
 
     def apply(self, module: torch.nn.Module, precision) -> None:
         dtype = frozen_weights_dtype_for(self.frozen_weights_dtype, precision)
@@ -150,8 +202,16 @@ class RuntimeLevers:
         mixed = str(precision) in MIXED_PRECISIONS  # the cast hooks only act under autocast
         if self.cast_inputs_once and mixed and self.cast_once is None:
             self.cast_once = CastInputsOnce(module)
+        if self.chunked_loss and self.chunked is None:
+            self.chunked = ChunkedLoss(module.model, self.loss_chunk_size)
+        if self.compile and self.compiled is None:
+            self.compiled = CompiledLayers(module.model, self.compile_backend, self.compile_mode, self.compile_dynamic)
 
     def restore(self) -> None:
+        for lever in ("chunked", "compiled"):
+            if getattr(self, lever) is not None:
+                getattr(self, lever).restore()
+                setattr(self, lever, None)
         if self.low_precision is not None:
             self.low_precision.restore()
             self.low_precision = None

@@ -1,6 +1,6 @@
 """Data: formats, templates, tokenization with label masks, batching and the datamodule."""
 
 from tunelab.data.datamodule import DataModule
-from tunelab.data.tokenize import PackedTokenizer, SupervisedTokenizer
+from tunelab.data.tokenize import DocumentTokenizer, SupervisedTokenizer
 
-__all__ = ["DataModule", "PackedTokenizer", "SupervisedTokenizer"]
+__all__ = ["DataModule", "DocumentTokenizer", "SupervisedTokenizer"]

@@ -134,7 +134,13 @@ class TrackDataProgress(Callback):
 
 
 class Collator:
-    """Right-pads a list of rows into tensors; padding is masked by attention and labels."""
+    """Right-pads a list of rows into tensors; padding is masked by attention and labels.
+
+    Packed rows (data.packing=true, tunelab.data.packing) also carry `position_ids`; their padding gets
+    position ids of its own (0, 1, ...), so it forms a separate document that no real token attends to.
+    Their `attention_mask` marks real tokens only: the model is called without it (tunelab.core.losses
+    .model_inputs), since a 2-D mask would make transformers ignore the document edges.
+    """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
@@ -147,12 +153,19 @@ class Collator:
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        packed = "position_ids" in rows[0]
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long) if packed else None
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             input_ids[i, :n] = torch.tensor(row["input_ids"])
             labels[i, :n] = torch.tensor(row["labels"])
             attention_mask[i, :n] = 1
+            if packed:
+                position_ids[i, :n] = torch.tensor(row["position_ids"])
+                position_ids[i, n:] = torch.arange(width - n)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if packed:
+            batch["position_ids"] = position_ids
         if rows[0].get("step_tokens") is not None:
             batch["step_tokens"] = torch.tensor(rows[0]["step_tokens"], dtype=torch.float32)
         return batch

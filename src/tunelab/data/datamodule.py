@@ -39,6 +39,8 @@ class DataModule(pl.LightningDataModule):
         eval_batch_size: int = 16,
         group_by_length: bool = True,
         pad_to_multiple_of: int | None = None,
+        packing: bool = False,
+        packing_strategy: str = "bfd",
         num_workers: int = 0,
         seed: int = 0,
         accumulate_grad_batches: int = 1,
@@ -59,6 +61,7 @@ class DataModule(pl.LightningDataModule):
         self.filter = dict(filter or {})
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.group_by_length = group_by_length
+        self.packing, self.packing_strategy = packing, packing_strategy  # tunelab.data.packing
         self.num_workers, self.seed = num_workers, seed
         self.accumulate_grad_batches = accumulate_grad_batches
         self.tokenization = tokenization or SupervisedTokenizer()
@@ -90,11 +93,28 @@ class DataModule(pl.LightningDataModule):
             self.datasets[name] = TokenizedDataset(rows)
         if cache and cached is None and self.datasets["train"].rows:
             cache.save({name: (self.examples[name], self.datasets[name].rows) for name in splits})
+        if self.packing:
+            self.pack_train_split()
         if not self.datasets["train"].rows:
             raise TunelabError(f"the training split of {self.source} is empty; check the data and its filters")
         log.info("%s: %s", self.kind, ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
 
     kind = "data"  # the examples' kind, in log lines
+
+    def pack_train_split(self) -> None:
+        """data.packing=true: the training rows packed (tunelab.data.packing); validation and test stay one
+        example per row, so every evaluator reads them as before."""
+        from tunelab.data.packing import check_strategy, pack_rows
+
+        check_strategy(self.packing_strategy)
+        if not getattr(self.tokenization, "packable", False):
+            raise TunelabError(f"data.packing=true packs one-sequence-per-example data (method=sft, pretrain); "
+                               f"{type(self.tokenization).__name__} makes another kind of row: set data.packing=false")
+        rows = self.datasets["train"].rows
+        packed = pack_rows(rows, self.max_length, self.packing_strategy)
+        log.info("data: %d training examples packed (%s) into %d rows of at most %d tokens",
+                 len(rows), self.packing_strategy, len(packed), self.max_length)
+        self.datasets["train"] = TokenizedDataset(packed)
 
     def normalize(self, records: list[dict]) -> list:
         return normalize(records, self.format, self.fields, self.system_prompt)

@@ -1,4 +1,6 @@
-"""Turn examples into token ids and labels: per-example supervision (sft) or packed blocks (pretrain).
+"""Turn examples into token ids and labels: per-example supervision (sft) or every token of a document (pretrain).
+
+Both give one row per example (`packable`): data.packing=true then packs the rows (tunelab.data.packing).
 
 Labels are -100 where the loss must not look. They are built from the segment marks, never from
 token ids, so an EOS that doubles as pad is still supervised where it ends a response.
@@ -36,6 +38,8 @@ def tokenize_segments(tokenizer, segments_per_example: list[list[tuple[str, bool
 class SupervisedTokenizer:
     """One example per sequence; the loss sees the responses (and everything if train_on_prompt)."""
 
+    packable = True  # rows are whole examples of input_ids/labels, which data.packing may pack
+
     def __init__(self, train_on_prompt: bool = False):
         self.train_on_prompt = train_on_prompt
 
@@ -60,20 +64,27 @@ class SupervisedTokenizer:
         return rows, report
 
 
-class PackedTokenizer:
-    """Documents joined with EOS and cut into fixed-length blocks; every token is supervised."""
+class DocumentTokenizer:
+    """One row per document, every token supervised; a document longer than block_size is cut into
+    pieces of block_size tokens, each its own row (TRL's `bfd_split`), so no token is lost.
+
+    data.packing=true packs the rows with per-document attention (`bfd`), or joins them into one stream cut
+    into rows (`wrapped`: the classic pretraining blocks, documents attending to each other)."""
+
+    packable = True
 
     def __init__(self, block_size: int | None = None):
         self.block_size = block_size
 
     def __call__(self, examples: list[Example], formatter: PromptFormatter, max_length: int):
         block = self.block_size or max_length
-        stream: list[int] = []
         segments = [formatter.segments(example) for example in examples]
+        rows, report = [], TokenizeReport()
         for pieces in tokenize_segments(formatter.tokenizer, segments):
-            for ids, _ in pieces:
-                stream += ids
-        rows = [stream[start : start + block] for start in range(0, len(stream), block)]
-        rows = [{"input_ids": ids, "labels": list(ids)} for ids in rows if len(ids) > 1]
-        report = TokenizeReport(kept=len(rows), notes=[f"{len(stream)} tokens packed into {len(rows)} blocks of {block}"])
+            ids = [t for piece, _ in pieces for t in piece]
+            report.truncated += len(ids) > block
+            rows += [{"input_ids": ids[start : start + block], "labels": ids[start : start + block]}
+                     for start in range(0, len(ids), block) if len(ids[start : start + block]) > 1]
+        report.kept = len(rows)
+        report.notes.append(f"{len(examples)} documents in {len(rows)} rows of at most {block} tokens")
         return rows, report

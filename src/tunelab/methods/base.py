@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics import SumMetric
 
-from tunelab.core.losses import backbone_and_head, supervised_loss_sum, token_loss_sum
+from tunelab.core.losses import (backbone_and_head, loss_chunk_size, model_inputs, model_labels, supervised_loss_sum,
+                                  token_loss_sum)
 from tunelab.core.runtime import RuntimeLevers
 
 
@@ -104,8 +105,9 @@ class CausalLMModule(LanguageModelModule):
     """Next-token cross-entropy on the supervised tokens: sft (responses) and pretrain (all tokens).
 
     head_on_supervised_only runs the LM head only where the loss looks (same loss, less compute and
-    memory; models it cannot split fall back to the plain path). The speed knobs every method shares
-    are the runtime group's (src/tunelab/core/runtime.py).
+    memory; models it cannot split fall back to the plain path), in chunks when runtime.chunked_loss is
+    on. Packed batches (data.packing) are read with per-document attention (core.losses.model_inputs).
+    The speed knobs every method shares are the runtime group's (src/tunelab/core/runtime.py).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler: dict | None = None,
@@ -118,9 +120,9 @@ class CausalLMModule(LanguageModelModule):
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.split is not None:
-            return supervised_loss_sum(*self.split, batch)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return token_loss_sum(logits, batch["labels"])
+            return supervised_loss_sum(*self.split, batch, loss_chunk_size(self.model))
+        logits = self.model(**model_inputs(self.model, batch)).logits
+        return token_loss_sum(logits, model_labels(self.model, batch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, tokens = self.loss_sum(batch)

@@ -233,12 +233,70 @@ def run_worker(overrides: list[str], run_dir: Path, timeout: float) -> dict:
 
 
 def packing(ctx: Context) -> PairResult:
-    cfg, _ = ctx.cfg(ctx.overrides_for(), "packing")
-    target = str(cfg.method.tokenization.get("_target_", ""))
-    if not target.endswith("PackedTokenizer"):
-        return PairResult("packed vs unpacked", SKIP, note="packing is off (one example per sequence)")
-    return PairResult("packed vs unpacked", SKIP,
-                      note="not checked yet: packed blocks carry no per-document attention mask to compare against")
+    """The same training examples as one row each and packed (data.packing=true, per-document attention):
+    the same per-token losses, loss sum and gradients, with the config's model, adapter and method module."""
+    name = "packed vs unpacked"
+    cfg, _ = ctx.cfg(ctx.overrides_for("data.packing=false"), "packing")
+    target = str((cfg.method.get("tokenization") or {}).get("_target_", ""))
+    if not target.endswith(("SupervisedTokenizer", "DocumentTokenizer")):
+        return PairResult(name, SKIP, note=f"packing is for sft/pretrain, not {cfg.method.name}")
+    measured, note = packed_vs_unpacked(cfg, int(ctx.settings.batch_size) * int(ctx.settings.accumulate))
+    return judge(name, measured, tolerances(ctx, "packing"), note)
+
+
+def packed_vs_unpacked(cfg: DictConfig, examples: int) -> tuple[dict[str, float], str]:
+    """One loss and backward over `examples` training rows, unpacked then packed in the same order."""
+    import torch
+
+    from tunelab.data.packing import pack_in_order
+    from tunelab.run.assemble import assemble, finalize
+
+    parts = assemble(finalize(cfg))
+    module, datamodule = parts.module, parts.datamodule
+    rows = datamodule.datasets["train"].rows[:examples]
+    packed = pack_in_order(rows, datamodule.max_length)
+    collate = datamodule.collator
+    unpacked_batch, packed_batch = collate([dict(r) for r in rows]), collate([dict(r) for r in packed])
+    module.levers.apply(module, cfg.trainer.precision)  # the runtime levers as training has them
+    module.model.eval()  # no dropout: both sides must see the same network
+    try:
+        a, b = loss_tokens_grads(module, unpacked_batch, cfg), loss_tokens_grads(module, packed_batch, cfg)
+    finally:
+        module.levers.restore()
+        module.model.train()
+    grad_gap = torch.linalg.vector_norm(b["grads"] - a["grads"]) / torch.linalg.vector_norm(a["grads"]).clamp(min=1e-30)
+    measured = {"loss": abs(b["loss"] - a["loss"]) / max(abs(a["loss"]), 1e-30),
+                "token_loss": float((b["token_losses"] - a["token_losses"]).abs().max()),
+                "grad_norm": float(grad_gap)}
+    if a["tokens"] != b["tokens"]:
+        measured["tokens"] = float(abs(a["tokens"] - b["tokens"]))
+    note = (f"{len(rows)} examples in {len(rows)} rows ({unpacked_batch['input_ids'].numel()} token slots) vs "
+            f"{len(packed)} packed rows ({packed_batch['input_ids'].numel()}); {a['tokens']} supervised tokens; "
+            "grad_norm: relative norm of the gradient difference")
+    return measured, note
+
+
+def loss_tokens_grads(module, batch: dict, cfg: DictConfig) -> dict:
+    """The module's loss sum and gradients on one batch, and the per-token losses of the full logits, in the
+    order of the supervised tokens (the same order unpacked and packed in order)."""
+    import torch
+
+    from tunelab.core.inference import autocast
+    from tunelab.core.losses import model_inputs, model_labels
+
+    module.zero_grad(set_to_none=True)
+    device = module.device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with autocast(cfg.trainer.precision, device):
+        loss_sum, tokens = module.loss_sum(batch)
+        loss_sum.backward()
+        with torch.no_grad():
+            logits = module.model(**model_inputs(module.model, batch)).logits[:, :-1].float()
+    targets = model_labels(module.model, batch)[:, 1:]
+    supervised = targets != -100
+    token_losses = torch.nn.functional.cross_entropy(logits[supervised], targets[supervised], reduction="none")
+    grads = torch.cat([p.grad.detach().float().flatten() for p in module.parameters() if p.grad is not None])
+    return {"loss": loss_sum.item(), "tokens": int(tokens), "token_losses": token_losses.cpu(), "grads": grads.cpu()}
 
 
 PAIRS: dict[str, Callable[[Context], PairResult]] = {
