@@ -25,10 +25,9 @@ COMMON = ["trainer=cpu", "trainer.precision=32-true", "adapter=lora", "optimizer
           "scheduler.warmup_ratio=0.0", "trainer.max_steps=-1", "trainer.max_epochs=1"]
 METHODS = {
     # PPO: 2 epochs x 2 minibatches per rollout (the second epoch shuffles), KL (k1) in the reward, a value head
-    "ppo": ["method=ppo", "data.max_train_examples=12", "data.batch_size=4", "method.module.max_new_tokens=6",
-            "method.module.ppo_epochs=2", "method.module.num_minibatches=2",
-            "method.module.reward._target_=tests.test_onpolicy_reference.vowel_reward",
-            "+method.module.reward._partial_=true"],
+    "ppo": ["method=ppo", "data.max_train_examples=12", "data.batch_size=4", "method.module.max_completion_length=6",
+            "method.module.num_iterations=2", "method.module.num_minibatches=2",
+            "method.module.rewards.score._target_=tests.test_onpolicy_reference.vowel_reward"],
     # GRPO: groups of 4, KL (k3) in the loss, clip-higher, 2 iterations x 2 minibatches, the dapo normaliser
     "grpo": ["method=grpo", "data.max_train_examples=6", "data.batch_size=2", "method.module.num_generations=4",
              "method.module.max_completion_length=6", "method.module.beta=0.04", "method.module.epsilon_high=0.28",
@@ -43,7 +42,7 @@ METHODS = {
 }
 # What is recorded per update beside the returned loss (the mean over the update's optimizer steps).
 LOGGED = {
-    "ppo": ["ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/score", "ppo/explained_variance"],
+    "ppo": ["ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/reward", "ppo/explained_variance"],
     "grpo": ["grpo/reward", "grpo/reward_std", "grpo/kl", "grpo/entropy", "grpo/clip_ratio/region_mean",
              "grpo/completion_length"],
     "rloo": ["rloo/reward", "rloo/entropy", "rloo/completion_length"],

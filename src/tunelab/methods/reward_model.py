@@ -19,6 +19,7 @@ from torchmetrics import SumMetric
 
 from tunelab.errors import TunelabError
 from tunelab.core.inference import autocast
+from tunelab.core.tensors import position_ids, unwrap  # noqa: F401  (imported from here by other methods)
 from tunelab.methods.base import LanguageModelModule
 
 HEAD = "score"  # transformers' name for the sequence-classification head of decoder models
@@ -74,22 +75,10 @@ def reward_adapter(adapter):
     return adapter
 
 
-def unwrap(model):
-    """The transformers model under a PEFT wrapper (LoRA layers stay active)."""
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of each row's last real token, for right or left padding alike."""
     width = attention_mask.shape[1]
     return width - 1 - attention_mask.flip(-1).long().argmax(-1)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2, ... over the real tokens, so left padding shifts nothing (as generate() does)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
