@@ -82,6 +82,9 @@ def check_options(o: Options, has_rewards: bool) -> None:
         raise TunelabError(f"method.module.num_generations={o.num_generations}; sample at least 1 completion per prompt")
     if o.num_iterations < 1 or o.num_minibatches < 1:
         raise TunelabError("method.module.num_iterations and num_minibatches must be >= 1")
+    if kind.kl_penalty is False and not 0.0 <= o.beta <= 1.0:
+        raise TunelabError(f"method.module.beta={o.beta}: for loss_type={o.loss_type} it interpolates between "
+                           "forward (0) and reverse (1) KL; give a value in [0, 1]")
     if o.advantage is None:
         if kind.needs_advantages:
             raise TunelabError(f"method.module.loss_type={o.loss_type} needs advantages; set method.module.advantage "
@@ -100,9 +103,6 @@ def check_options(o: Options, has_rewards: bool) -> None:
     if o.kl_target is not None and not o.use_kl_in_reward:
         raise TunelabError("method.module.kl_target adapts the KL penalty in the reward (Ziegler et al.); set "
                            "method.module.use_kl_in_reward=true or kl_target=null")
-    if kind.kl_penalty is False and not 0.0 <= o.beta <= 1.0:
-        raise TunelabError(f"method.module.beta={o.beta}: for loss_type={o.loss_type} it interpolates between "
-                           "forward (0) and reverse (1) KL; give a value in [0, 1]")
 
 
 class OnPolicyModule(LanguageModelModule):
@@ -429,7 +429,8 @@ class OnPolicyModule(LanguageModelModule):
         logged |= self.timing_metrics()
         self.log_dict({k: torch.as_tensor(v).float().to(self.device) for k, v in logged.items()}, prog_bar=False,
                       batch_size=len(r))
-        self.log(f"{p}/mean_reward", r.rewards.mean(), prog_bar=True, batch_size=len(r))
+        if self.reward is not None:
+            self.log(f"{p}/mean_reward", r.rewards.mean(), prog_bar=True, batch_size=len(r))
         self.watch_collapse(logged.get(f"{p}/frac_reward_zero_std"), float(logged[f"{p}/completion_length"]))
         self.record_samples(r)
 
