@@ -76,11 +76,12 @@ def test_the_method_comparison_scores_every_method_on_one_task_and_evaluation():
     """experiments/method_comparison/: each entry is its method, on the same records, split and evaluation."""
     from omegaconf import OmegaConf
 
-    assert COMPARISON == ["dpo", "grpo", "ppo", "rloo", "sft"]
+    methods = {"cispo": "grpo", "gspo": "grpo", "grpo_mb2": "grpo"}  # loss values of the grpo config
+    assert COMPARISON == ["cispo", "distill", "dpo", "grpo", "grpo_mb2", "gspo", "ppo", "rloo", "sft"]
     seen = set()
     for name in COMPARISON:
         cfg = make_cfg(Path("unused"), f"experiment=method_comparison/{name}", fast=False)
-        assert HydraConfig.get().runtime.choices["method"] == name
+        assert HydraConfig.get().runtime.choices["method"] == methods.get(name, name)
         evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
         del evaluation["compare_base"]  # the base row is computed once, by the sft entry
         seen.add((cfg.data.source, cfg.data.split_seed, cfg.data.test_size, cfg.optimized_metric, str(evaluation)))
