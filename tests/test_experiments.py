@@ -11,7 +11,8 @@ from tunelab.paths import CONF_DIR, REPO_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # Stages that start from earlier runs: config key -> the experiment whose run dir it takes.
-PREREQUISITES = {"rlhf_ppo": {"rlhf.sft_run": "rlhf_sft", "rlhf.reward_run": "rlhf_reward"}}
+PREREQUISITES = {"rlhf_ppo": {"rlhf.sft_run": "rlhf_sft", "rlhf.reward_run": "rlhf_reward"},
+                 "distill_arithmetic": {"method.module.reference_model": "rlhf_sft"}}  # any SFT run: the teacher
 # The study's own settings stay; only the size shrinks (debug=fast comes with make_cfg).
 TWO_STEPS = ["trainer.max_steps=2", "trainer.max_epochs=1", "trainer.val_check_interval=null",
              "eval.max_examples=2", "data.test_size=8", "data.val_size=4"]
