@@ -390,7 +390,7 @@ class OnPolicyModule(LanguageModelModule):
         if r.kl is not None:
             self.kl.update(float(r.kl.sum(-1).mean()), len(r) * self.trainer.world_size)
         # The update's mean loss, for callbacks that trace training (tunelab-verify); already backpropagated.
-        return {"loss": torch.tensor(sum(stats["loss"]) / len(stats["loss"]))}
+        return {"loss": torch.tensor(sum(stats["loss"]) / len(stats["loss"]))} if stats.get("loss") else None
 
     # ------------------------------------------------------------ logging
 
@@ -437,7 +437,11 @@ class OnPolicyModule(LanguageModelModule):
     def watch_collapse(self, zero_std_share, mean_length: float) -> None:
         """One warning line and `collapsed_at_step` (metrics.json: train/collapsed_at_step) when the run collapses."""
         share = None if zero_std_share is None else float(zero_std_share)
-        if self.collapse.observe(self.global_step, share, mean_length):
+        if self.trainer.world_size > 1:  # one decision on every rank (a stop on one rank alone would hang DDP)
+            both = torch.tensor([-1.0 if share is None else share, mean_length], device=self.device)
+            both = self.trainer.strategy.reduce(both, reduce_op="mean")
+            share, mean_length = (None if share is None else float(both[0])), float(both[1])
+        if self.collapse.observe(self.global_step, share, mean_length) and self.trainer.is_global_zero:
             log.warning("collapsed at step %d: %s%s", self.global_step, self.collapse.reason,
                         "; stopping (method.module.stop_on_collapse=true)" if self.o.stop_on_collapse else
                         "; training goes on (method.module.stop_on_collapse=true stops it)")

@@ -56,7 +56,7 @@ class Options:
     score_clip: float | None            # rewards clipped to [-c, c]
     max_grad_norm: float | None
     # -- collapse (collapse.py): how long all-equal rewards or too short completions may last
-    collapse_patience: int
+    collapse_patience: int              # 0: never marked collapsed
     collapse_min_length: float | None
     stop_on_collapse: bool
 
