@@ -11,7 +11,8 @@ from tunelab.paths import CONF_DIR, REPO_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # Stages that start from earlier runs: config key -> the experiment whose run dir it takes.
-PREREQUISITES = {"rlhf_ppo": {"rlhf.sft_run": "rlhf_sft", "rlhf.reward_run": "rlhf_reward"}}
+PREREQUISITES = {"rlhf_ppo": {"rlhf.sft_run": "rlhf_sft", "rlhf.reward_run": "rlhf_reward"},
+                 "distill_arithmetic": {"method.module.reference_model": "rlhf_sft"}}  # any SFT run: the teacher
 # The study's own settings stay; only the size shrinks (debug=fast comes with make_cfg).
 TWO_STEPS = ["trainer.max_steps=2", "trainer.max_epochs=1", "trainer.val_check_interval=null",
              "eval.max_examples=2", "data.test_size=8", "data.val_size=4"]
@@ -76,11 +77,12 @@ def test_the_method_comparison_scores_every_method_on_one_task_and_evaluation():
     """experiments/method_comparison/: each entry is its method, on the same records, split and evaluation."""
     from omegaconf import OmegaConf
 
-    assert COMPARISON == ["dpo", "grpo", "ppo", "rloo", "sft"]
+    methods = {"cispo": "grpo", "gspo": "grpo", "grpo_mb2": "grpo"}  # loss values of the grpo config
+    assert COMPARISON == ["cispo", "distill", "dpo", "grpo", "grpo_mb2", "gspo", "ppo", "rloo", "sft"]
     seen = set()
     for name in COMPARISON:
         cfg = make_cfg(Path("unused"), f"experiment=method_comparison/{name}", fast=False)
-        assert HydraConfig.get().runtime.choices["method"] == name
+        assert HydraConfig.get().runtime.choices["method"] == methods.get(name, name)
         evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
         del evaluation["compare_base"]  # the base row is computed once, by the sft entry
         seen.add((cfg.data.source, cfg.data.split_seed, cfg.data.test_size, cfg.optimized_metric, str(evaluation)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -15,9 +14,11 @@ from omegaconf import OmegaConf
 
 from tests.helpers import make_cfg, read_metrics, run_train
 from tunelab.errors import TunelabError
-from tunelab.methods.grpo import (GRPOModule, RLOOModule, aggregate, clipped_token_loss, group_advantages, k3_kl,
-                                  rloo_advantages)
-from tunelab.methods.online import to_left_padding
+from tunelab.core.tensors import to_left_padding
+from tunelab.methods.rl.advantages import group_advantages, rloo_advantages
+from tunelab.methods.rl.kl import k3_kl
+from tunelab.methods.rl.losses import LOSSES, LossInputs, aggregate, clipped_token_loss, policy_objective
+from tunelab.methods.rl.options import defaults
 from tunelab.run.assemble import build_datamodule, build_module, load_model
 from tunelab.methods.rewards import (FormatReward, LengthPenalty, NumericAnswerReward, WeightedRewards, build_rewards,
                                      final_number)
@@ -86,10 +87,10 @@ def trl_grpo_loss(per_token_logps, old_per_token_logps, ref_per_token_logps, adv
 
 
 def loss_of(loss_type: str, beta: float, eps_high: float):
-    owner = SimpleNamespace(epsilon_low=0.2, epsilon_high=eps_high, beta=beta, loss_type=loss_type,
-                            max_completion_length=4)
-    owner.token_normaliser = lambda mask: GRPOModule.token_normaliser(owner, mask)
-    return lambda *args: GRPOModule.loss(owner, *args)
+    """The module's minibatch loss (one process: dapo's normaliser is the minibatch's token count)."""
+    options = defaults(loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=eps_high, max_completion_length=4)
+    return lambda logps, old, ref, advantages, mask: policy_objective(LossInputs(logps, old, advantages, mask), ref,
+                                                                      options)
 
 
 def test_batch_tokens_counts_every_attention_mask():
@@ -228,14 +229,12 @@ def test_kl_is_exactly_zero_with_a_fresh_adapter_and_logprobs_match_generation(t
     assert module.use_reference and module.ref_model is None  # the adapter-disabled policy is the reference
     batch = connect(module, dm, trainer)
     query, query_mask = to_left_padding(batch["input_ids"], batch["attention_mask"], dm.tokenizer.pad_token_id)
-    response, mask, _, logits = module.generate(query, query_mask)
+    response, mask, _, from_generation = module.generate(query, query_mask)
     with torch.no_grad():
-        logprobs, _ = module.policy_logprobs(module.model, query, query_mask, response, mask)
+        logprobs = module.policy_forward(query, query_mask, response, mask, with_values=False).logprobs
     ref = module.reference_logprobs(query, query_mask, response, mask)
     assert torch.equal(logprobs, ref)
     assert torch.equal(k3_kl(logprobs, ref), torch.zeros_like(ref))
-    from_generation = torch.log_softmax(logits.float() / module.generation["temperature"], -1)
-    from_generation = from_generation.gather(-1, response.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(from_generation[mask.bool()], logprobs[mask.bool()], atol=1e-4)
 
 
@@ -250,7 +249,7 @@ def test_beta_0_builds_no_reference_and_beta_above_0_does_for_full(tmp_path, ada
 
 def test_rloo_rollout_penalises_kl_in_the_reward_and_trains(tmp_path):
     module, dm, trainer = build(tmp_path, "lora", method="rloo")
-    assert isinstance(module, RLOOModule) and module.num_generations == 4 and module.beta == 0.05
+    assert module.o.advantage == "leave_one_out" and module.o.num_generations == 4 and module.o.beta == 0.05
     trainer.fit(module, datamodule=dm)
     assert float(trainer.callback_metrics["rloo/first_ratio_max_deviation"]) < 1e-5
     assert "rloo/kl" in trainer.callback_metrics
@@ -317,11 +316,11 @@ def test_a_run_writes_metrics_and_a_loadable_policy(tmp_path, method):
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final") is not None
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+@pytest.mark.parametrize("loss_type", [name for name in LOSSES if name != "jsd"])
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_every_loss_type_composes_with_both_adapters(tmp_path, loss_type, adapter):
     module, _, _ = build(tmp_path, adapter, f"method.module.loss_type={loss_type}")
-    assert module.loss_type == loss_type
+    assert module.o.loss_type == loss_type and module.loss_kind is LOSSES[loss_type]
 
 
 def test_the_shipped_task_splits_the_same_for_sft_and_rl(tmp_path):

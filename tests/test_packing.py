@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
 import torch
 
 from tests.helpers import make_cfg
-from tunelab.core.runtime import apply_runtime
 from tunelab.data.batching import Collator
 from tunelab.data.formats import normalize
 from tunelab.data.packing import document_lengths, pack_in_order, pack_rows

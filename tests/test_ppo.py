@@ -14,8 +14,12 @@ from omegaconf import OmegaConf
 
 from tests.helpers import make_cfg, read_metrics, run_ddp, run_train
 from tunelab.errors import TunelabError
-from tunelab.methods.ppo import (AdaptiveKL, gae, kl_per_token, masked_whiten, policy_loss, response_mask,
-                                 to_left_padding, token_rewards, value_loss)
+from tunelab.core.tensors import masked_whiten, response_mask, to_left_padding
+from tunelab.methods.rl.advantages import gae
+from tunelab.methods.rl.critic import value_loss
+from tunelab.methods.rl.kl import AdaptiveKL, kl_per_token, token_rewards
+from tunelab.methods.rl.losses import LossInputs, policy_objective
+from tunelab.methods.rl.options import defaults
 from tunelab.methods.rewards import check_scores
 from tunelab.models.adapters import apply_adapter, build_adapter
 
@@ -75,10 +79,11 @@ def test_clipped_policy_and_value_losses():
     new = torch.log(torch.tensor([[1.5, 0.9]]))
     adv = torch.tensor([[1.0, 1.0]])
     mask = torch.ones(1, 2)
-    loss, stats = policy_loss(new, old, adv, mask, cliprange=0.2)
+    # PPO's loss: the clipped surrogate averaged over the minibatch's tokens (loss_type=bnpo)
+    loss, stats = policy_objective(LossInputs(new, old, adv, mask), None, defaults(loss_type="bnpo", epsilon=0.2))
     # token 0: ratio 1.5 is clipped to 1.2 (positive advantage); token 1: 0.9 inside the range
     assert loss.item() == pytest.approx(-(1.2 + 0.9) / 2)
-    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    assert stats["clip_ratio/region_mean"].item() == pytest.approx(0.5)
     v_loss, v_clip = value_loss(torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), 0.5)
     assert v_loss.item() == pytest.approx(0.5 * (0.5 - 3.0) ** 2) and v_clip.item() == 1.0
 
@@ -107,8 +112,8 @@ def vowel_reward(prompts, responses, references):
 
 
 PPO_FAST = ["method=ppo", "trainer.precision=32-true", "data.max_train_examples=8", "data.batch_size=4",
-            "method.module.max_new_tokens=6", "method.module.ppo_epochs=2", "method.module.num_minibatches=2",
-            "method.module.reward._target_=tests.test_ppo.vowel_reward", "+method.module.reward._partial_=true",
+            "method.module.max_completion_length=6", "method.module.num_iterations=2", "method.module.num_minibatches=2",
+            "method.module.rewards.score._target_=tests.test_ppo.vowel_reward",
             "method.evaluator.max_examples=4", "trainer.max_steps=-1", "trainer.max_epochs=1"]
 
 
@@ -130,17 +135,17 @@ def build(tmp_path, adapter: str, *overrides: str):
 def test_a_few_updates_change_policy_and_value_with_exact_first_ratio(tmp_path, adapter):
     module, dm, trainer = build(tmp_path, adapter)
     policy_before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-    value_before = {n: p.detach().clone() for n, p in module.value_net.named_parameters()}
+    value_before = {n: p.detach().clone() for n, p in module.critic.named_parameters()}
     assert (module.ref_model is None) == (adapter == "lora")  # a fresh adapter is its own reference
     trainer.fit(module, datamodule=dm)
     logged = trainer.callback_metrics
-    for key in ("score", "kl", "entropy", "clipfrac", "approxkl", "value_loss", "explained_variance",
-                "response_length", "first_ratio_max_deviation"):
+    for key in ("reward", "kl", "entropy", "clip_ratio/region_mean", "approxkl", "value_loss", "explained_variance",
+                "completion_length", "first_ratio_max_deviation", "sampling/sampling_logp_difference/mean"):
         assert f"ppo/{key}" in logged and math.isfinite(float(logged[f"ppo/{key}"]))
     assert float(logged["ppo/first_ratio_max_deviation"]) < 1e-5  # the ratio is 1 before the first step
     assert trainer.global_step == 2 * 2 * 2  # 2 rollouts x 2 epochs x 2 minibatches
     assert any(not torch.equal(p, policy_before[n]) for n, p in module.model.named_parameters() if n in policy_before)
-    assert any(not torch.equal(p, value_before[n]) for n, p in module.value_net.named_parameters())
+    assert any(not torch.equal(p, value_before[n]) for n, p in module.critic.named_parameters())
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 2 * module.log_samples
 
 
@@ -152,12 +157,10 @@ def test_fresh_adapter_kl_is_exactly_zero_and_generation_logprobs_match(tmp_path
     trainer.datamodule = dm  # what fit() would set
     batch = dm.collator([dm.datasets["train"][i] for i in range(4)])
     query, query_mask = to_left_padding(batch["input_ids"], batch["attention_mask"], dm.tokenizer.pad_token_id)
-    response, mask, _, logits = module.generate(query, query_mask)
+    response, mask, _, from_generation = module.generate(query, query_mask)
     with torch.no_grad():
-        logprobs, _, _ = module.forward_pass(module.model, query, query_mask, response, mask, with_values=False)
+        logprobs = module.policy_forward(query, query_mask, response, mask, with_values=False).logprobs
         ref = module.reference_logprobs(query, query_mask, response, mask)
-    from_generation = torch.log_softmax(logits.float() / module.generation["temperature"], -1)
-    from_generation = from_generation.gather(-1, response.unsqueeze(-1)).squeeze(-1)
     m = mask.bool()
     assert torch.allclose(from_generation[m], logprobs[m], atol=1e-4)
     assert torch.equal(logprobs, ref)  # LoRA's B starts at 0: the policy is exactly the reference
@@ -173,12 +176,12 @@ def test_value_model_can_start_from_a_reward_model(tmp_path):
     rm.config.architectures = ["LlamaForSequenceClassification"]
     rm.save_pretrained(folder)
     tok.save_pretrained(folder)
-    module, dm, _ = build(tmp_path, "lora", f"method.module.value_model={tmp_path / 'rm'}")
-    assert not isinstance(module.value_net, torch.nn.Linear)
-    assert all(p.requires_grad for p in module.value_net.parameters())
+    module, dm, _ = build(tmp_path, "lora", f"method.module.critic={tmp_path / 'rm'}")
+    assert not isinstance(module.critic, torch.nn.Linear)
+    assert all(p.requires_grad for p in module.critic.parameters())
     query, response = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
     ones = torch.ones_like
-    _, _, values = module.forward_pass(module.model, query, ones(query), response, ones(response), with_values=True)
+    values = module.policy_forward(query, ones(query), response, ones(response), with_values=True).values
     assert values.shape == (1, 2) and torch.isfinite(values).all()
 
 
@@ -202,7 +205,7 @@ def test_ppo_run_end_to_end_writes_metrics_and_a_loadable_policy(tmp_path):
 
 def test_a_reward_callable_with_the_wrong_shape_stops_the_run(tmp_path):
     with pytest.raises(TunelabError, match="shape"):
-        run_train(tmp_path / "bad", *PPO_FAST, "adapter=lora", "method.module.reward._target_=tests.test_ppo.bad_reward",
+        run_train(tmp_path / "bad", *PPO_FAST, "adapter=lora", "method.module.rewards.score._target_=tests.test_ppo.bad_reward",
                   "method.evaluator.compare_base=false")
 
 
@@ -216,11 +219,11 @@ def test_pipeline_stages_compose_and_point_at_the_previous_run_dirs(tmp_path):
     ppo = make_cfg(tmp_path, "experiment=rlhf_ppo", "rlhf.sft_run=/runs/sft", "rlhf.reward_run=/runs/rm", fast=False)
     assert (sft.method.name, reward.method.name, ppo.method.name) == ("sft", "reward", "ppo")
     assert ppo.model.run_dir == "/runs/sft"
-    assert ppo.method.module.reward.run_dir == "/runs/rm"
-    assert ppo.method.evaluator.reward.run_dir == "/runs/rm"
+    assert ppo.method.module.rewards.score.run_dir == "/runs/rm"
+    assert ppo.method.evaluator.rewards.score.run_dir == "/runs/rm"
     assert ppo.trainer.gradient_clip_val == ppo.method.module.max_grad_norm  # clipping moves into the module
     rouge = make_cfg(tmp_path, "experiment=rlhf_ppo_rouge", fast=False)
-    assert rouge.method.module.reward._target_.endswith("RougeReward")
+    assert rouge.method.module.rewards.score._target_.endswith("RougeReward")
 
 
 def test_a_reward_run_dir_that_is_not_a_reward_model_is_refused(tmp_path):

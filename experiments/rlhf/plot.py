@@ -15,14 +15,17 @@ SMOOTH = 8  # rollouts in the running mean drawn over PPO curves
 
 PANELS = {
     "reward": ["train/loss", "train/accuracy", "val/accuracy", "val/margin"],
-    "ppo": ["ppo/score", "ppo/monitor_rougeL", "ppo/monitor_exact", "ppo/kl", "ppo/entropy",
-            "ppo/response_length", "ppo/clipfrac", "ppo/explained_variance"],
+    "ppo": ["ppo/reward", "ppo/monitor_rougeL", "ppo/monitor_exact", "ppo/kl", "ppo/entropy",
+            "ppo/completion_length", "ppo/clip_ratio/region_mean", "ppo/explained_variance"],
 }
+# The names before the on-policy module (src/tunelab/methods/rl/), so runs recorded earlier still plot.
+EARLIER = {"ppo/score": "ppo/reward", "ppo/response_length": "ppo/completion_length",
+           "ppo/clipfrac": "ppo/clip_ratio/region_mean"}
 
 
 def plot(run_dir: Path, out: Path) -> Path | None:
-    frame = pd.read_csv(run_dir / "csv" / "metrics.csv")
-    kind = "ppo" if "ppo/score" in frame else "reward"
+    frame = pd.read_csv(run_dir / "csv" / "metrics.csv").rename(columns=EARLIER)
+    kind = "ppo" if "ppo/reward" in frame else "reward"
     columns = [c for c in PANELS[kind] if c in frame]
     if not columns:
         return None

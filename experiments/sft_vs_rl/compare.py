@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from tunelab.eval.targets import resolve_target
-from tunelab.methods.ppo import PolicyEvaluator
+from tunelab.methods.rl.evaluator import PolicyEvaluator
 from tunelab.methods.rewards import ExactMatchReward, RewardModelScorer, RougeReward
 from tunelab.models.loading import load_pretrained
 from tunelab.paths import CONF_DIR

@@ -72,18 +72,22 @@ class LanguageModelModule(pl.LightningModule):
         by_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         return min(x for x in (by_epochs, by_steps) if x is not None) if (by_epochs or by_steps) else per_epoch
 
+    def scheduler_steps(self) -> int:
+        """Optimizer steps the schedule spans (an on-policy module makes several per training batch)."""
+        return self.total_optimizer_steps()
+
     def configure_optimizers(self):
         from transformers import get_scheduler
 
         optimizer = self.build_optimizer()
-        total = self.total_optimizer_steps()
+        total = self.scheduler_steps()
         ratio = self.scheduler_cfg.get("warmup_ratio") or 0.0
-        warmup = self.scheduler_cfg.get("warmup_steps") or math.ceil(ratio * total)
+        warmup = self.scheduler_cfg.get("warmup_steps") or math.ceil(ratio * total)  # one rule for every method
         scheduler = get_scheduler(
             self.scheduler_cfg.get("name", "cosine"),
             optimizer,
             num_warmup_steps=warmup,
-            num_training_steps=total,
+            num_training_steps=max(total, 1),
             scheduler_specific_kwargs=dict(self.scheduler_cfg.get("kwargs") or {}),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -13,6 +13,9 @@ import yaml
 from tunelab.errors import TunelabError
 
 FINISHED, FAILED, INCOMPLETE, DIVERGED = "finished", "failed", "incomplete", "diverged"
+# Finished, but an on-policy run's policy collapsed (metrics.json: train/collapsed_at_step; methods/rl/collapse.py).
+COLLAPSED = "collapsed"
+COLLAPSED_AT = "train/collapsed_at_step"
 # What a study ledger says of a trial with no result yet (tunelab.study.ledger): counted as incomplete.
 PENDING, RUNNING, INTERRUPTED = "pending", "running", "interrupted"
 NOT_DONE = (INCOMPLETE, PENDING, RUNNING, INTERRUPTED)
@@ -89,7 +92,8 @@ def load_run(path: Path) -> Run:
     overrides = read_yaml(path / ".hydra" / "overrides.yaml") or []
     if (path / "metrics.json").is_file():
         metrics = flatten_metrics(json.loads((path / "metrics.json").read_text()))
-        status = DIVERGED if diverged(metrics, flatten(config).get("optimized_metric")) else FINISHED
+        status = DIVERGED if diverged(metrics, flatten(config).get("optimized_metric")) else \
+            COLLAPSED if COLLAPSED_AT in metrics else FINISHED
     else:
         status, metrics = (FAILED if (path / "FAILED").is_file() else INCOMPLETE), {}
     error = (path / "FAILED").read_text().strip() if (path / "FAILED").is_file() else None

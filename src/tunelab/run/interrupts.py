@@ -14,6 +14,7 @@ in the run dir, which `ckpt_path=auto` also finds.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -80,6 +81,12 @@ class CheckpointOnInterrupt(Callback):
         self.restore_handlers()
         trainer.save_checkpoint(self.path)
         self.saved = self.path
+        for callback in trainer.checkpoint_callbacks:
+            # ModelCheckpoint(save_last) runs its own on_train_end after this one when it saved nothing periodic;
+            # finding a last.ckpt it did not write, it would write last-v1.ckpt beside it. It is this file.
+            if getattr(callback, "save_last", False) and callback.dirpath and \
+                    Path(callback.dirpath).resolve() == self.path.parent.resolve():
+                callback.last_model_path = os.path.join(callback.dirpath, self.path.name)  # as it names it
 
     def restore_handlers(self) -> None:
         for signum, handler in self.previous.items():

@@ -15,6 +15,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*The number of training batches.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # The on-policy module optimises manually and is checkpointed after its update, which is what a resume needs;
+    # Lightning prints a code sample suggesting the state before it.
+    warnings.filterwarnings("ignore", message="(?s)Using ModelCheckpoint with manual optimization.*")
     # conf/hydra/sweeper/basic.yaml replaces Hydra's basic sweeper by the ledger's (same schema, + _target_),
     # so that experiment and sweep configs can still pick another sweeper; Hydra warns about the shared name.
     warnings.filterwarnings("ignore", message="(?s).*hydra/sweeper/basic' is validated against ConfigStore schema.*")
