@@ -158,6 +158,17 @@ def test_an_unknown_option_of_a_target_lists_its_options(tmp_path, override, mes
     assert not run_dir.exists()
 
 
+def test_a_renamed_option_names_its_new_name(tmp_path):
+    """PPO's own names before PPO, GRPO and RLOO became one module: an old command gets the new name in one line."""
+    from tests.helpers import make_cfg
+    from tunelab.config.options import unknown_key_error
+
+    cfg = make_cfg(tmp_path, "method=ppo")
+    error = unknown_key_error(cfg, "method.module.kl_coef")
+    assert str(error).startswith("method.module.kl_coef is now method.module.beta")
+    assert "did you mean" in str(unknown_key_error(cfg, "method.module.betta"))
+
+
 def test_an_option_a_target_refuses_at_instantiation_names_the_fix():
     """A key no override set (an experiment's, kept after a group switch) fails when the target is called."""
     from hydra.utils import instantiate

@@ -86,4 +86,18 @@ def option_error(path: str, node: DictConfig, name: str) -> TunelabError | None:
     parameters = target_parameters(str(node._target_))
     if parameters is None or name in {p.name for p in parameters}:
         return None
+    new = renamed_option(str(node._target_), name)
+    if new is not None:
+        return TunelabError(f"{path}.{name} is now {path}.{new}")
     return TunelabError(no_such_option(path, name, listed_options(parameters, node)))
+
+
+def renamed_option(target_path: str, name: str) -> str | None:
+    """The name an option took when its target was reshaped (a target lists them in RENAMED_OPTIONS, with why)."""
+    from hydra.utils import get_object
+
+    try:
+        renamed = getattr(get_object(target_path), "RENAMED_OPTIONS", {})
+    except Exception:
+        return None
+    return renamed.get(name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from tunelab.core.generation import generate_completions
+from tunelab.eval.result import EvalResult
 from tunelab.methods.rewards import WeightedRewards, check_scores
 from tunelab.methods.rl.module import build_monitors
 
@@ -24,10 +25,10 @@ class PolicyEvaluator:
         self.generation = {"do_sample": False, "max_new_tokens": max_new_tokens, **(generation or {})}
 
     @torch.no_grad()
-    def run(self, model, datamodule) -> tuple[dict[str, float], list[dict]]:
+    def run(self, model, datamodule) -> EvalResult:
         examples = datamodule.examples.get(self.split, [])[: self.max_examples or None]
         if not examples:
-            return {}, []
+            return EvalResult()
         device = next(model.parameters()).device
         for fn in [self.reward, *self.monitors.values()]:
             if hasattr(fn, "to"):
@@ -49,7 +50,7 @@ class PolicyEvaluator:
                 row[name] = s
         metrics[f"{self.split}/response_words"] = sum(len(t.split()) for t in texts) / len(texts)
         metrics[f"{self.split}/eos_fraction"] = sum(c.finished for c in completions) / len(completions)
-        return metrics, rows
+        return EvalResult(metrics, rows)
 
 
 class GroupPolicyEvaluator(PolicyEvaluator):

@@ -108,6 +108,15 @@ def check_options(o: Options, has_rewards: bool) -> None:
 class OnPolicyModule(LanguageModelModule):
     """Rollout -> advantages -> num_iterations x num_minibatches optimizer steps, with the pieces named by the config."""
 
+    # PPO's own names before PPO, GRPO and RLOO became values of this one module, which takes TRL's GRPOConfig
+    # names where a knob is shared; an old command gets one line with the new name.
+    RENAMED_OPTIONS = {"kl_coef": "beta (TRL's GRPO name, shared by ppo, grpo and rloo)",
+                       "cliprange": "epsilon (TRL's GRPO name, shared by ppo, grpo and rloo)",
+                       "ppo_epochs": "num_iterations (TRL's GRPO name, shared by ppo, grpo and rloo)",
+                       "max_new_tokens": "max_completion_length (TRL's GRPO name, shared by ppo, grpo and rloo)",
+                       "reward": "rewards.score (named rewards, as grpo's: method.module.rewards.score._target_=...)",
+                       "value_model": "critic (head, or a reward run dir to start the value model from)"}
+
     def __init__(self, model, optimizer, scheduler=None, *, rewards: dict | None = None,
                  reward_weights: list[float] | None = None, monitors: dict | None = None, log_prefix: str = "grpo",
                  log_samples: int = 4,
