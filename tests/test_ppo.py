@@ -152,12 +152,10 @@ def test_fresh_adapter_kl_is_exactly_zero_and_generation_logprobs_match(tmp_path
     trainer.datamodule = dm  # what fit() would set
     batch = dm.collator([dm.datasets["train"][i] for i in range(4)])
     query, query_mask = to_left_padding(batch["input_ids"], batch["attention_mask"], dm.tokenizer.pad_token_id)
-    response, mask, _, logits = module.generate(query, query_mask)
+    response, mask, _, from_generation = module.generate(query, query_mask)  # the engine's log-probs
     with torch.no_grad():
         logprobs, _, _ = module.forward_pass(module.model, query, query_mask, response, mask, with_values=False)
         ref = module.reference_logprobs(query, query_mask, response, mask)
-    from_generation = torch.log_softmax(logits.float() / module.generation["temperature"], -1)
-    from_generation = from_generation.gather(-1, response.unsqueeze(-1)).squeeze(-1)
     m = mask.bool()
     assert torch.allclose(from_generation[m], logprobs[m], atol=1e-4)
     assert torch.equal(logprobs, ref)  # LoRA's B starts at 0: the policy is exactly the reference

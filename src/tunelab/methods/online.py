@@ -128,24 +128,18 @@ class OnPolicyModule(LanguageModelModule):
 
     @torch.no_grad()
     def generate(self, query, query_mask, do_sample: bool = True):
-        """Responses (pad after the first EOS) to every row in one batched call, with the raw logits of each step."""
+        """(responses, mask, has_eos, engine log-probs) for every row in one batched call of the generation
+        engine (core.generation: hf | vllm); the log-probs are the engine's at the sampling temperature, None
+        where it gives none. The trainer re-scores every sampled token with the policy all the same."""
+        from tunelab.core.generation import sample
+
         tok, g = self.tokenizer, self.generation
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.phase("generate"), self.sampling_rng():
-                out = self.model.generate(
-                    input_ids=query, attention_mask=query_mask, do_sample=do_sample, max_new_tokens=g["max_new_tokens"],
-                    temperature=g["temperature"] if do_sample else None, top_k=g["top_k"] if do_sample else None,
-                    top_p=g["top_p"] if do_sample else None, pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True, use_cache=True)
-        finally:
-            self.model.train(was_training)
-        response = out.sequences[:, query.shape[1] :]
-        mask, has_eos = response_mask(response, tok.eos_token_id)
-        response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
-        self.token_counts["generated_tokens"] += int(mask.sum())
-        return response, mask, has_eos, torch.stack(out.logits, 1)
+        with self.phase("generate"), self.sampling_rng():
+            samples = sample(self.model, query, query_mask, max_new_tokens=g["max_new_tokens"], do_sample=do_sample,
+                             temperature=g["temperature"], top_k=g["top_k"], top_p=g["top_p"],
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        self.token_counts["generated_tokens"] += int(samples.mask.sum())
+        return tuple(samples)
 
     def take_token_counts(self) -> dict[str, int]:
         """Tokens trained on (every pass of every update) and sampled since the last call (TrainingSummary's)."""
