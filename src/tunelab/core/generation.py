@@ -102,7 +102,10 @@ class Engine:
     def sample(self, model, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
                eos_token_id, pad_token_id: int, temperature: float | None = 1.0, top_k: int | None = 0,
                top_p: float | None = 1.0, do_sample: bool = True, return_logprobs: bool = True,
-               precision: str | None = None, **options) -> Samples:
+               precision: str | None = None, tokenizer=None, **options) -> Samples:
+        """Sampled responses to left-padded prompt ids (see Samples). `precision` is the run's compute
+        precision (hf: its autocast; vllm: the dtype it serves at); `tokenizer` lets a backend that needs
+        one (vLLM renders log-probs with it) have the policy's own; the rest are generate()'s names."""
         raise NotImplementedError
 
     def complete(self, model, tokenizer, prompts: list[str], batch_size: int = 16, max_new_tokens: int = 64,
@@ -123,7 +126,7 @@ class Engine:
                     samples = self.sample(model, inputs["input_ids"], inputs["attention_mask"],
                                           max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
                                           pad_token_id=tokenizer.pad_token_id, return_logprobs=False,
-                                          precision=precision, **completion_sampling(sampling))
+                                          precision=precision, tokenizer=tokenizer, **completion_sampling(sampling))
                     done = [completion(tokenizer, row, n, stops) for row, n in zip(samples.response, samples.mask.sum(-1))]
                     for i, c in zip(chunk, done):
                         outputs[i] = c
@@ -176,7 +179,8 @@ class HFEngine(Engine):
 
     @torch.no_grad()
     def sample(self, model, query, query_mask, *, max_new_tokens, eos_token_id, pad_token_id, temperature=1.0,
-               top_k=0, top_p=1.0, do_sample=True, return_logprobs=True, precision=None, **options) -> Samples:
+               top_k=0, top_p=1.0, do_sample=True, return_logprobs=True, precision=None, tokenizer=None,
+               **options) -> Samples:
         was_training = model.training
         model.eval()
         try:

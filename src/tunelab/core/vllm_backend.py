@@ -137,6 +137,19 @@ def base_folder(model, workdir: Path) -> str:
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU attention kernels
 
 
+def tokenizer_folder(base: str, tokenizer, workdir: Path) -> str | None:
+    """Where the server reads its tokenizer (it renders log-probs with it): the base's own, else the caller's
+    saved beside it, else None (the server then starts without one: token ids only, no log-probs)."""
+    if any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return base
+    if tokenizer is None:
+        return None
+    folder = workdir / f"tokenizer-{id(tokenizer)}"
+    if not (folder / "tokenizer_config.json").is_file():
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def check_cpu_head_size(model) -> None:
     """vLLM's CPU attention has kernels for some head sizes only; say so before a server dies of it."""
     config = model.config
@@ -179,7 +192,8 @@ class VLLMEngine(Engine):
 
     # -- what a backend implements
 
-    def start(self, base: str, dtype: str, max_lora_rank: int | None) -> None:
+    def start(self, served: dict) -> None:
+        """Start serving `served`: base (a model folder), tokenizer (a folder or None), dtype, lora (max rank)."""
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -201,8 +215,12 @@ class VLLMEngine(Engine):
 
     @torch.no_grad()
     def sample(self, model, query, query_mask, *, max_new_tokens, eos_token_id, pad_token_id, temperature=1.0,
-               top_k=0, top_p=1.0, do_sample=True, return_logprobs=True, precision=None, **options) -> Samples:
-        self.sync(model, dtype_name(precision, model) if self.settings.vllm_dtype == "auto" else self.settings.vllm_dtype)
+               top_k=0, top_p=1.0, do_sample=True, return_logprobs=True, precision=None, tokenizer=None,
+               **options) -> Samples:
+        dtype = dtype_name(precision, model) if self.settings.vllm_dtype == "auto" else self.settings.vllm_dtype
+        self.sync(model, dtype, tokenizer)
+        if self.served.get("tokenizer") is None:
+            return_logprobs = False  # vLLM renders log-probs with the tokenizer; without one it gives none
         prompts = [ids[m.bool()].tolist() for ids, m in zip(query, query_mask)]
         seeds = torch.randint(2**31 - 1, (len(prompts),)).tolist()  # from the caller's RNG stream
         params = [sampling_params(max_new_tokens, eos_token_id, temperature, top_k, top_p, do_sample,
@@ -221,18 +239,21 @@ class VLLMEngine(Engine):
 
     # -- keeping the served policy the trained one
 
-    def sync(self, model, dtype: str) -> None:
+    def sync(self, model, dtype: str, tokenizer=None) -> None:
         """Start the backend on the policy's base weights, then bring it level with the policy: a new LoRA
         adapter after each update (PEFT), or the full weights through vLLM's weight transfer."""
         peft = is_peft_model(model)
         if not torch.cuda.is_available():
             check_cpu_head_size(model)
         base = base_folder(model, self.workdir)
-        wanted = {"base": base, "dtype": dtype, "lora": lora_rank(model) if peft else None}
+        wanted = {"base": base, "tokenizer": tokenizer_folder(base, tokenizer, self.workdir), "dtype": dtype,
+                  "lora": lora_rank(model) if peft else None}
+        if self.served and wanted["tokenizer"] is None:
+            wanted["tokenizer"] = self.served["tokenizer"]  # a caller with no tokenizer at hand keeps the served one
         if self.served != wanted:
             if self.served:
                 self.stop()
-            self.start(base, dtype, wanted["lora"])
+            self.start(wanted)
             self.served, self.policy, self.adapter = wanted, {"id": id(model), "version": weights_version(model, peft)}, None
             if not peft:
                 return  # the server holds the full model's own files
@@ -247,7 +268,7 @@ class VLLMEngine(Engine):
     def swap_adapter(self, model) -> None:
         """Save the policy's adapter and load it under a new name (vLLM caches adapters by name)."""
         self.adapters_loaded += 1
-        name = f"tunelab-{os.getpid()}-{self.adapters_loaded}"
+        name = f"tunelab-{self.workdir.name.removeprefix('tunelab-vllm-')}-{self.adapters_loaded}"  # unique per engine
         folder = self.workdir / "adapters" / name
         model.save_pretrained(folder)
         self.load_adapter(name, str(folder / adapter_subfolder(model)))
@@ -407,7 +428,7 @@ class VLLMServerEngine(VLLMEngine):
         self.url = (settings.vllm_server_base_url or "").rstrip("/") or None
         self.model_name: str | None = None
 
-    def start(self, base: str, dtype: str, max_lora_rank: int | None) -> None:
+    def start(self, served: dict) -> None:
         s = self.settings
         if s.vllm_server_base_url:  # the user's server: it serves what it serves; check it answers
             if not healthy(self.url):
@@ -421,17 +442,17 @@ class VLLMServerEngine(VLLMEngine):
         if healthy(self.url):
             raise TunelabError(f"something already answers at {self.url}; use generation.vllm_server_base_url={self.url} "
                                "to sample from it, or another generation.vllm_server_port")
-        # token ids in and out: the server needs no tokenizer (tunelab's saved bases have none)
-        options = {"dtype": dtype, "max_model_len": s.vllm_max_model_length, "logprobs_mode": "processed_logprobs",
-                   "served_model_name": "policy", "tensor_parallel_size": s.vllm_tensor_parallel_size,
-                   "skip_tokenizer_init": True,
+        options = {"dtype": served["dtype"], "max_model_len": s.vllm_max_model_length,
+                   "logprobs_mode": "processed_logprobs", "served_model_name": "policy",
+                   "tensor_parallel_size": s.vllm_tensor_parallel_size,
+                   "tokenizer": served["tokenizer"], "skip_tokenizer_init": served["tokenizer"] is None,
                    "gpu_memory_utilization": s.vllm_gpu_memory_utilization if torch.cuda.is_available() else None}
-        if max_lora_rank:
-            options |= {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 2}
+        if served["lora"]:
+            options |= {"enable_lora": True, "max_lora_rank": served["lora"], "max_loras": 2}
         options |= s.vllm_kwargs
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_SERVER_DEV_MODE": "1",
                **{k: str(v) for k, v in s.vllm_env.items()}}
-        self.server = VLLMServer(vllm_python(s), base, host, port, options, env, self.workdir / "server.log")
+        self.server = VLLMServer(vllm_python(s), served["base"], host, port, options, env, self.workdir / "server.log")
         self.server.start(s.vllm_server_timeout)
         self.model_name = "policy"
 
@@ -501,17 +522,19 @@ class VLLMColocateEngine(VLLMEngine):
         self.lora_ids: dict[str, int] = {}
         self.asleep = False
 
-    def start(self, base: str, dtype: str, max_lora_rank: int | None) -> None:
+    def start(self, served: dict) -> None:
         from vllm import LLM
 
         s = self.settings
-        options = {"model": base, "dtype": dtype, "gpu_memory_utilization": s.vllm_gpu_memory_utilization,
+        options = {"model": served["base"], "tokenizer": served["tokenizer"], "dtype": served["dtype"],
+                   "skip_tokenizer_init": served["tokenizer"] is None,
+                   "gpu_memory_utilization": s.vllm_gpu_memory_utilization,
                    "tensor_parallel_size": s.vllm_tensor_parallel_size, "max_model_len": s.vllm_max_model_length,
                    "enable_sleep_mode": s.vllm_enable_sleep_mode, "logprobs_mode": "processed_logprobs",
                    # as TRL: vLLM's profiler otherwise reserves for 32k tokens a batch and finds no room
                    "max_num_batched_tokens": 4096}
-        if max_lora_rank:
-            options |= {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 2}
+        if served["lora"]:
+            options |= {"enable_lora": True, "max_lora_rank": served["lora"], "max_loras": 2}
         self.llm = LLM(**(options | s.vllm_kwargs))
         self.asleep = False
 

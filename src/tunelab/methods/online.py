@@ -134,10 +134,11 @@ class OnPolicyModule(LanguageModelModule):
         from tunelab.core.generation import sample
 
         tok, g = self.tokenizer, self.generation
+        precision = str(self.trainer.precision) if self._trainer is not None else None  # vLLM serves at it
         with self.phase("generate"), self.sampling_rng():
             samples = sample(self.model, query, query_mask, max_new_tokens=g["max_new_tokens"], do_sample=do_sample,
-                             temperature=g["temperature"], top_k=g["top_k"], top_p=g["top_p"],
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                             temperature=g["temperature"], top_k=g["top_k"], top_p=g["top_p"], precision=precision,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tokenizer=tok)
         self.token_counts["generated_tokens"] += int(samples.mask.sum())
         return tuple(samples)
 
