@@ -239,6 +239,13 @@ def active_engine() -> Engine:
     return _active["engine"]
 
 
+def activate(engine: Engine) -> Engine:
+    """Make an engine object the active one, keeping the settings it came from (a benchmark wraps the
+    configured engine to time it, without closing it)."""
+    _active["engine"] = engine
+    return engine
+
+
 def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, engine: Engine | None = None,
            **kwargs) -> Samples:
     """Sampled responses to left-padded prompt ids, through the active engine (see Engine.sample)."""
