@@ -160,3 +160,18 @@ def test_sampling_settings_in_vllms_names():
     for r, served in ((4, 8), (8, 8), (12, 16)):  # vLLM's --max-lora-rank takes 1, 8, 16, 32, ...
         model = get_peft_model(build_tiny_llama()[0], LoraConfig(r=r, target_modules="all-linear"))
         assert lora_rank(model) == served
+
+
+def test_lm_eval_generation_goes_through_the_engine(tiny):
+    """eval=lm_eval's generative tasks: with another engine than hf, HFLM samples through tunelab's engine;
+    greedy, one context, it gives what lm-eval's own `generate` call gives."""
+    from lm_eval.models.huggingface import HFLM
+
+    from tunelab.eval.harness import engine_lm
+
+    model, tok = tiny
+    context, _ = left_padded(tok, ["Question: what is 2+2?\nAnswer:"])
+    ours = engine_lm()(pretrained=model, tokenizer=tok, backend="causal", batch_size=1, max_length=128)
+    theirs = HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=1, max_length=128)
+    length = context.shape[1] + 5
+    assert torch.equal(ours._model_generate(context, length, []), theirs._model_generate(context, length, []))
