@@ -101,12 +101,13 @@ def test_the_generation_group_picks_the_engine(tmp_path):
 
     assert make_cfg(tmp_path).generation.engine == "hf"
     assert make_cfg(tmp_path, "generation=vllm").generation.engine == "vllm"
-    cfg = make_cfg(tmp_path, "generation.engine=vllm", "generation.vllm_server_port=8123")
+    url = "http://127.0.0.1:9"  # a server of the user's: nothing is started, nothing of vLLM needed here
+    cfg = make_cfg(tmp_path, "generation.engine=vllm", f"generation.vllm_server_base_url={url}")
     engine = configure(cfg.generation)
-    assert engine.name == "vllm" and engine.settings.vllm_server_port == 8123 and not engine.served
+    assert engine.name == "vllm" and engine.url == url and not engine.served
     assert configure(cfg.generation) is engine  # the same settings keep the same engine (a server stays up)
     assert configure(make_cfg(tmp_path).generation) is generation.DEFAULT and engine.workdir.exists() is False
-    assert configure({"use_vllm": True}).name == "vllm"  # TRL's spelling
+    assert configure({"use_vllm": True, "vllm_server_base_url": url}).name == "vllm"  # TRL's spelling
 
 
 @pytest.mark.parametrize("settings, says", [
@@ -125,17 +126,16 @@ def test_bad_engine_settings_are_one_line(monkeypatch, settings, says):
 def test_the_server_backend_refuses_what_cannot_run_before_starting_anything(monkeypatch, tmp_path):
     from tunelab.models import build_tiny_llama
 
+    with pytest.raises(TunelabError, match=r"needs vLLM's environment at .*no-python; build it with `bash scripts/setup_vllm.sh`"):
+        configure({"engine": "vllm", "vllm_python": str(tmp_path / "no-python")})  # at configure: before any model loads
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU checks, whatever this machine has
-    engine = configure({"engine": "vllm", "vllm_python": str(tmp_path / "no-python")})
+    engine = configure({"engine": "vllm", "vllm_server_base_url": "http://127.0.0.1:9"})
     model, tok = build_tiny_llama()  # head size 16: vLLM's CPU attention has no kernel for it
     query, query_mask = left_padded(tok, ["Hi"])
-    settings = dict(max_new_tokens=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with pytest.raises(TunelabError, match="no attention kernel for head size 16"):
-        engine.sample(model, query, query_mask, **settings)
-    model, tok = build_tiny_llama(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
-    with pytest.raises(TunelabError, match=r"needs vLLM's environment at .*no-python; build it with `bash scripts/setup_vllm.sh`"):
-        engine.sample(model, query, query_mask, **settings)
-    assert engine.server is None
+        engine.sample(model, query, query_mask, max_new_tokens=2, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    assert not engine.served  # refused before asking the server anything
 
 
 def test_sampling_settings_in_vllms_names():
@@ -175,3 +175,13 @@ def test_lm_eval_generation_goes_through_the_engine(tiny):
     theirs = HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=1, max_length=128)
     length = context.shape[1] + 5
     assert torch.equal(ours._model_generate(context, length, []), theirs._model_generate(context, length, []))
+
+
+def test_a_run_with_the_vllm_engine_reaches_it_before_loading_anything(tmp_path):
+    """`generation.engine=vllm` is wired into a real run: without vLLM's environment the run stops in one line
+    at assembly (tests/test_vllm.py trains GRPO through a real server)."""
+    from tests.helpers import run_train
+
+    with pytest.raises(TunelabError, match=r"generation.engine=vllm \(server mode\) needs vLLM's environment at /nonexistent"):
+        run_train(tmp_path, "method=grpo", "generation.engine=vllm", "generation.vllm_python=/nonexistent/python")
+    assert not (tmp_path / "metrics.json").exists()

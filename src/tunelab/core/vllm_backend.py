@@ -423,6 +423,8 @@ class VLLMServerEngine(VLLMEngine):
     """`vllm serve` in .venv-vllm: ours (started on the policy's base) or one at vllm_server_base_url."""
 
     def __init__(self, settings: VLLMSettings):
+        # before anything loads: a run that would start a server says at once where vLLM's environment is missing
+        self.python = None if settings.vllm_server_base_url else vllm_python(settings)
         super().__init__(settings)
         self.server: VLLMServer | None = None
         self.url = (settings.vllm_server_base_url or "").rstrip("/") or None
@@ -452,7 +454,7 @@ class VLLMServerEngine(VLLMEngine):
         options |= s.vllm_kwargs
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_SERVER_DEV_MODE": "1",
                **{k: str(v) for k, v in s.vllm_env.items()}}
-        self.server = VLLMServer(vllm_python(s), served["base"], host, port, options, env, self.workdir / "server.log")
+        self.server = VLLMServer(self.python, served["base"], host, port, options, env, self.workdir / "server.log")
         self.server.start(s.vllm_server_timeout)
         self.model_name = "policy"
 
