@@ -5,13 +5,14 @@
   base weights (or uses one at `vllm_server_base_url`), sends prompts as token ids to `/v1/completions` and reads
   the completions back as token ids with their log-probs. After each policy update a LoRA adapter is saved and
   loaded into the running server (`/v1/load_lora_adapter`, VLLM_ALLOW_RUNTIME_LORA_UPDATING) under a new name,
-  and sampled with that name; full weights go through vLLM's weight-transfer API where the hardware has one.
+  and sampled with that name; full weights are reloaded in place from a saved folder (vLLM's `reload_weights`).
 - `colocate`: `vllm.LLM` inside the training process, on the training GPU, asleep between rollouts
   (`vllm_enable_sleep_mode`); vllm must be importable in the training environment (CUDA only).
 
-Departures from TRL: TRL's server mode talks to its own `trl vllm-serve` (NCCL weight sync, CUDA only) and
-samples `n` completions per unique prompt; here every row is its own request with its own seed, drawn from the
-caller's torch RNG, so a seeded run samples the same completions again and a resumed one continues its stream.
+Departures from TRL (1.16's VLLMClient talks to vLLM's server too): TRL syncs every weight over NCCL (CUDA only)
+and samples `n` completions per unique prompt; here a LoRA travels as an adapter folder, full weights as a
+folder vLLM reloads (any device), and every row is its own request with its own seed, drawn from the caller's
+torch RNG, so a seeded run samples the same completions again and a resumed one continues its stream.
 Log-probs are vLLM's `processed_logprobs` (after temperature), the trainer's convention when top_k=0, top_p=1.
 """
 
@@ -93,19 +94,17 @@ def weights_version(model, trainable_only: bool) -> tuple:
 
 
 def dtype_name(precision: str | None, model) -> str:
-    """vLLM's --dtype for the policy's compute precision (32-true: float32; bf16-mixed: bfloat16)."""
-    text = str(precision or "")
-    if "bf16" in text:
-        return "bfloat16"
-    if text.startswith("16"):
-        return "float16"
-    if text.startswith("32") or text.startswith("64"):
-        return "float32"
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
+    """vLLM's --dtype for the compute precision the HF backend would autocast to (bf16-mixed: bfloat16; auto: as
+    tunelab resolves it on the model's device), else the weights' own dtype (32-true: float32)."""
+    from tunelab.platform.hardware import autocast_dtype
+
+    param = next(model.parameters())
+    dtype = autocast_dtype(precision, param.device) or param.dtype
+    return str(dtype).removeprefix("torch.")
 
 
 def has_weights(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    return (folder / "config.json").is_file() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")))
 
 
 def base_folder(model, workdir: Path) -> str:
@@ -241,7 +240,7 @@ class VLLMEngine(Engine):
 
     def sync(self, model, dtype: str, tokenizer=None) -> None:
         """Start the backend on the policy's base weights, then bring it level with the policy: a new LoRA
-        adapter after each update (PEFT), or the full weights through vLLM's weight transfer."""
+        adapter after each update (PEFT), or the full weights reloaded from a folder."""
         peft = is_peft_model(model)
         if not torch.cuda.is_available():
             check_cpu_head_size(model)
