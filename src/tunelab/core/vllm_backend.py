@@ -361,7 +361,8 @@ class VLLMServer:
         log.info("starting the vLLM server: %s (log: %s)", " ".join(self.command), self.log_path)
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True, stdin=subprocess.DEVNULL)
+                                            start_new_session=True, stdin=subprocess.DEVNULL,
+                                            preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -386,6 +387,16 @@ class VLLMServer:
                 continue
             except ProcessLookupError:
                 return
+
+
+def die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the training process dies, even by SIGKILL (no orphan holding memory)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def healthy(url: str) -> bool:
