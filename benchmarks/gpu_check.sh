@@ -3,14 +3,16 @@
 #   {sft, dpo, ppo} x {lora, full} and grpo (LoRA, the arithmetic task) on the embedded SmolLM2-135M with the default trainer (trainer=gpu
 #   where the default trainer is CPU-only), sft under trainer=ddp when 2+ GPUs are visible, sft under
 #   trainer=fsdp (LoRA and full; all visible GPUs, at most 2), and the TRL comparison of bench_sft.py;
-#   then one table (run, status, fit seconds and s/step, peak memory, headline metric), printed and
+#   grpo again with generation.engine=vllm (vLLM's server from .venv-vllm, built first by scripts/setup_vllm.sh)
+#   and bench_grpo.py (tunelab vs TRL GRPO, HF generate and vLLM; target: the vLLM backend >= 3x the HF
+#   backend's generated tokens/s on experiment=grpo_arithmetic); then one table (run, status, fit seconds and s/step, peak memory, headline metric), printed and
 #   written to $OUT/gpu_check.md.
 #
 #   bash benchmarks/gpu_check.sh                 # everything, into outputs/gpu_check/<time>/
 #   bash benchmarks/gpu_check.sh --list          # the commands it would run (assuming 2 GPUs), nothing run
 #   STEPS=20 OUT=/tmp/gc bash benchmarks/gpu_check.sh
 #   EXTRA="trainer.accelerator=cpu trainer.precision=32-true debug=fast" bash benchmarks/gpu_check.sh --list
-#   ALLOW_CPU=1 SKIP_BENCH=1 EXTRA="trainer.accelerator=cpu trainer.precision=32-true debug=fast" \
+#   ALLOW_CPU=1 SKIP_BENCH=1 VLLM=0 EXTRA="trainer.accelerator=cpu trainer.precision=32-true debug=fast" \
 #     bash benchmarks/gpu_check.sh      # the script itself checked on a CPU: every line run on the tiny model
 #
 # Exit status: 0 when every run finished, 1 when one failed (the table says which; its log is in $OUT),
@@ -24,10 +26,11 @@ EXAMPLES=${EXAMPLES:-16}      # generated examples per evaluation
 RUN_TIMEOUT=${RUN_TIMEOUT:-240}
 EXTRA=${EXTRA:-}              # appended to every tunelab-train command (e.g. to try the lines on a CPU)
 ALLOW_CPU=${ALLOW_CPU:-0}     # 1: go on without a GPU, as if there were 2 (only with EXTRA moving the runs to the CPU)
-SKIP_BENCH=${SKIP_BENCH:-0}   # 1: leave out the TRL comparison
 SKIP_SCALE=${SKIP_SCALE:-0}   # 1: leave out the 0.5B-class comparison (bench_gpu_scale.py)
 SCALE_ARGS=${SCALE_ARGS:-"--steps 10 --warmup 3"}   # e.g. "--modes full --seq-lens 8192 --steps 20"
 [ "$ALLOW_CPU" = 1 ] && [ "${1:-}" != "--list" ] && SCALE_ARGS="--tiny --seq-lens 96 --steps 2 --warmup 1"  # a CPU: the tiny size
+SKIP_BENCH=${SKIP_BENCH:-0}   # 1: leave out the TRL comparisons (bench_sft.py, bench_grpo.py)
+VLLM=${VLLM:-1}               # 0: leave out the vLLM rows (1 builds .venv-vllm first: vllm 0.33.0 on CUDA, minutes)
 LIST=0
 [ "${1:-}" = "--list" ] && LIST=1
 
@@ -76,12 +79,16 @@ for method in sft dpo ppo; do
   done
 done
 RUNS+=("grpo-lora|$SINGLE experiment=grpo_arithmetic method.evaluator.max_examples=$EXAMPLES adapter=lora")   # one generation batch per step
+[ "$VLLM" = 1 ] && RUNS+=("grpo-lora-vllm|$SINGLE experiment=grpo_arithmetic method.evaluator.max_examples=$EXAMPLES adapter=lora generation.engine=vllm")
 [ "$NGPU" -ge 2 ] && RUNS+=("sft-lora-ddp|trainer=ddp trainer.devices=2")
 RUNS+=("sft-lora-fsdp|trainer=fsdp trainer.devices=$DEVICES adapter=lora")
 RUNS+=("sft-full-fsdp|trainer=fsdp trainer.devices=$DEVICES adapter=full")
 TRL_CMD=("$PY" benchmarks/bench_sft.py --trainer gpu --modes lora --timed 10)
 # shellcheck disable=SC2206  # the arguments are words
 SCALE_CMD=("$PY" benchmarks/bench_gpu_scale.py $SCALE_ARGS)
+GRPO_RUNNERS=tunelab-hf,trl-hf
+[ "$VLLM" = 1 ] && GRPO_RUNNERS=$GRPO_RUNNERS,tunelab-vllm,trl-vllm
+GRPO_CMD=("$PY" benchmarks/bench_grpo.py --device gpu --timed 10 --runners "$GRPO_RUNNERS")
 
 OUT=${OUT:-outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)}
 command_for() {  # the tunelab-train command line of one run
@@ -89,7 +96,9 @@ command_for() {  # the tunelab-train command line of one run
 }
 if [ "$LIST" = 1 ]; then
   for run in "${RUNS[@]}"; do command_for "$run"; done
+  [ "$VLLM" = 1 ] && echo "bash scripts/setup_vllm.sh"
   echo "${SCALE_CMD[*]} --out $OUT/bench_gpu_scale.json --work $OUT/bench_scale"
+  echo "${GRPO_CMD[*]} --out $OUT/bench_grpo.json --work $OUT/bench_grpo"
   echo "${TRL_CMD[*]} --out $OUT/bench_sft.json --work $OUT/bench"
   exit 0
 fi
@@ -98,6 +107,11 @@ mkdir -p "$OUT"
 export WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 started=$SECONDS
 echo "gpu_check: $NGPU x $CARD (bf16 $BF16), torch $TORCH; default trainer accelerator: $DEFAULT_ACCEL; into $OUT"
+if [ "$VLLM" = 1 ]; then   # the vLLM rows' server environment (a failed build fails those rows, with its log)
+  t0=$SECONDS
+  timeout 1800 bash scripts/setup_vllm.sh >"$OUT/setup_vllm.log" 2>&1
+  echo "  setup_vllm: exit $? after $((SECONDS - t0)) s"
+fi
 for run in "${RUNS[@]}"; do
   name=${run%%|*}
   t0=$SECONDS
@@ -111,6 +125,10 @@ if [ "$SKIP_BENCH" != 1 ]; then
   timeout $((RUN_TIMEOUT + 60)) "${TRL_CMD[@]}" --out "$OUT/bench_sft.json" --work "$OUT/bench" >"$OUT/bench_sft.log" 2>&1
   echo "$?" >"$OUT/bench_sft.rc"
   echo "  bench_sft (TRL comparison): exit $(cat "$OUT/bench_sft.rc") after $((SECONDS - t0)) s"
+  t0=$SECONDS
+  timeout $((RUN_TIMEOUT * 4)) "${GRPO_CMD[@]}" --out "$OUT/bench_grpo.json" --work "$OUT/bench_grpo" >"$OUT/bench_grpo.log" 2>&1
+  echo "$?" >"$OUT/bench_grpo.rc"
+  echo "  bench_grpo (GRPO vs TRL, HF and vLLM): exit $(cat "$OUT/bench_grpo.rc") after $((SECONDS - t0)) s"
 fi
 
 if [ "$SKIP_SCALE" != 1 ]; then
@@ -130,7 +148,7 @@ out, machine = Path(sys.argv[1]), sys.argv[2]
 rows, failed = [], 0
 for rc_file in sorted(out.glob("*.rc"), key=lambda p: p.stat().st_mtime):
     name, rc = rc_file.stem, rc_file.read_text().strip()
-    if name in ("bench_sft", "bench_gpu_scale"):
+    if name in ("bench_sft", "bench_gpu_scale", "bench_grpo"):
         continue
     run = out / name
     if rc != "0" or not (run / "metrics.json").is_file():
@@ -179,6 +197,25 @@ elif (out / "bench_gpu_scale.rc").is_file():
     failed += 1
     rows.append(("scale (0.5B-class)", f"FAILED (exit {(out / 'bench_gpu_scale.rc').read_text().strip()}): "
                  "see bench_gpu_scale.log", "", "", ""))
+grpo = out / "bench_grpo.json"
+if grpo.is_file():
+    report = json.loads(grpo.read_text())
+    for runner, result in report["runners"].items():
+        s = result.get("summary")
+        if s is None:
+            failed += result["status"].startswith("failed")
+            rows.append((f"bench grpo {runner}", result["status"][:140], "", "", ""))
+            continue
+        rows.append((f"bench grpo {runner}", "ok", f"({s['s_per_update']:.3f}) {s['generated_tok_per_s']:.0f} gen tok/s",
+                     f"{s['peak_memory_mb']:.0f}", f"generation {s['generation_share']:.0%} of an update"))
+    speedup = report["ratios"].get("tunelab_vllm_over_hf_generated_tok_per_s")
+    if speedup is not None:
+        rows.append(("bench grpo vllm / hf", "ok" if speedup >= 3 else "below target", f"{speedup:.2f}x generated tok/s",
+                     "", "target >= 3x (issue 25)"))
+elif (out / "bench_grpo.rc").is_file():
+    failed += 1
+    rows.append(("bench grpo (TRL)", f"FAILED (exit {(out / 'bench_grpo.rc').read_text().strip()}): see bench_grpo.log",
+                 "", "", ""))
 head = ("run", "status", "fit s (s/step)", "peak MB", "headline (base -> tuned)")
 lines = [f"GPU check: {machine}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -37,9 +37,11 @@ def test_every_training_command_it_runs_composes(tmp_path):
     training = [shlex.split(line) for line in lines if "tunelab.cli.train" in line]
     names = {Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).split("=", 1)[1]).name for cmd in training}
     assert names == {f"{m}-{a}" for m in ("sft", "dpo", "ppo") for a in ("lora", "full")} | {
-        "grpo-lora", "sft-lora-ddp", "sft-lora-fsdp", "sft-full-fsdp"}
+        "grpo-lora", "grpo-lora-vllm", "sft-lora-ddp", "sft-lora-fsdp", "sft-full-fsdp"}
     assert "benchmarks/bench_sft.py --trainer gpu --modes lora --timed 10" in lines[-1]
-    assert "benchmarks/bench_gpu_scale.py --steps 10 --warmup 3 --out" in lines[-2]
+    assert "benchmarks/bench_gpu_scale.py --steps 10 --warmup 3 --out" in lines[-3]
+    assert "benchmarks/bench_grpo.py --device gpu --timed 10 --runners tunelab-hf,trl-hf,tunelab-vllm,trl-vllm" in lines[-2]
+    assert "bash scripts/setup_vllm.sh" in lines
     for cmd in training:
         overrides = [a for a in cmd[cmd.index("tunelab.cli.train") + 1 :] if not a.startswith("hydra.")]
         cfg = make_cfg(tmp_path / "composed", *overrides, fast=False)

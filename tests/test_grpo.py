@@ -229,7 +229,7 @@ def test_kl_is_exactly_zero_with_a_fresh_adapter_and_logprobs_match_generation(t
     assert module.use_reference and module.ref_model is None  # the adapter-disabled policy is the reference
     batch = connect(module, dm, trainer)
     query, query_mask = to_left_padding(batch["input_ids"], batch["attention_mask"], dm.tokenizer.pad_token_id)
-    response, mask, _, from_generation = module.generate(query, query_mask)
+    response, mask, _, from_generation = module.generate(query, query_mask)  # the engine's log-probs
     with torch.no_grad():
         logprobs = module.policy_forward(query, query_mask, response, mask, with_values=False).logprobs
     ref = module.reference_logprobs(query, query_mask, response, mask)

@@ -157,7 +157,7 @@ def test_fresh_adapter_kl_is_exactly_zero_and_generation_logprobs_match(tmp_path
     trainer.datamodule = dm  # what fit() would set
     batch = dm.collator([dm.datasets["train"][i] for i in range(4)])
     query, query_mask = to_left_padding(batch["input_ids"], batch["attention_mask"], dm.tokenizer.pad_token_id)
-    response, mask, _, from_generation = module.generate(query, query_mask)
+    response, mask, _, from_generation = module.generate(query, query_mask)  # the engine's log-probs
     with torch.no_grad():
         logprobs = module.policy_forward(query, query_mask, response, mask, with_values=False).logprobs
         ref = module.reference_logprobs(query, query_mask, response, mask)

@@ -2,7 +2,7 @@
 
 README convention: commands sit in ```bash blocks; `$RUN` is a finished run dir (the README sets it);
 a line that cannot run here says so in its comment (`# needs a network`, `# needs a GPU`,
-`# needs deepspeed`, `# needs mlflow`, `# needs SLURM`).
+`# needs deepspeed`, `# needs mlflow`, `# needs SLURM`, `# needs vLLM`).
 Default suite: bash splits every line (brace expansion, quotes, redirections, pipes show here) and
 each tunelab command's overrides compose exactly as the CLI's pre-flight composes them.
 `-m slow`: every `tunelab-train` line runs for real on the tiny model (debug=fast added).
@@ -25,7 +25,7 @@ from tunelab.errors import TunelabError
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = ("tunelab-train", "tunelab-evaluate", "tunelab-verify", "tunelab-data", "tunelab-report",
             "tunelab-chat", "tunelab-review", "make")
-CANNOT_RUN_HERE = re.compile(r"#.*needs (a network|a GPU|deepspeed|mlflow|SLURM)")
+CANNOT_RUN_HERE = re.compile(r"#.*needs (a network|a GPU|deepspeed|mlflow|SLURM|vLLM)")
 # What pre-flight says when a line needs what this machine lacks.
 REFUSED_FOR = {"a network": "hub is unreachable", "a GPU": "GPU", "deepspeed": "pip install deepspeed"}
 CONFIG_OF = {"tunelab-train": "train", "tunelab-evaluate": "evaluate", "tunelab-verify": "train",

@@ -25,6 +25,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--precision", default="auto", help="auto (what training would use on this machine), bf16-mixed or 32-true")
     parser.add_argument("--no-stream", action="store_true", help="print each reply whole")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                        help="the generation engine (vllm: a vLLM server from .venv-vllm, replies printed whole)")
+    parser.add_argument("--vllm-server-base-url", default=None,
+                        help="with --engine vllm: a running vLLM server serving this model (default: start one)")
     parser.add_argument("--allow-template-mismatch", action="store_true",
                         help="chat even if the tokenizer or template differs from the run's (refused by default)")
     return parser.parse_args(argv)
@@ -55,19 +59,18 @@ class Session:
         return self.formatter.generation_prompt(self.messages)
 
     def reply(self, text: str, out) -> str:
-        import torch
+        """The model's answer through the generation engine, streamed to `out` token by token where the
+        engine streams (hf), else written whole by the caller."""
+        from tunelab.core.generation import active_engine, generate_completions
 
-        from tunelab.core.generation import stop_token_ids
-        from tunelab.core.inference import autocast
-
-        inputs = self.tokenizer(self.prompt(text), return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        streamer = TextStream(self.tokenizer, out) if out is not None else None
-        with torch.no_grad(), autocast(self.precision, self.model.device):
-            tokens = self.model.generate(**inputs, streamer=streamer, pad_token_id=self.tokenizer.pad_token_id,
-                                         eos_token_id=sorted(stop_token_ids(self.model, self.tokenizer)), **self.generation)
-        answer = self.tokenizer.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        self.messages.append({"role": "assistant", "content": answer})
-        return answer
+        streaming = out is not None and active_engine().name == "hf"
+        options = {"streamer": TextStream(self.tokenizer, out)} if streaming else {}
+        [done] = generate_completions(self.model, self.tokenizer, [self.prompt(text)], batch_size=1,
+                                      precision=self.precision, description=None, **self.generation, **options)
+        if out is not None and not streaming:
+            out.write(done.text + "\n")
+        self.messages.append({"role": "assistant", "content": done.text})
+        return done.text
 
 
 def TextStream(tokenizer, out):
@@ -82,9 +85,23 @@ def TextStream(tokenizer, out):
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def configure_engine(args: argparse.Namespace):
+    """The generation group's defaults (conf/generation/default.yaml) with the command line's choices on top."""
+    from omegaconf import OmegaConf
+
+    from tunelab.core.generation import configure
+    from tunelab.paths import CONF_DIR
+
+    settings = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "generation" / "default.yaml"))
+    settings |= {"engine": getattr(args, "engine", "hf"), "vllm_server_base_url": getattr(args, "vllm_server_base_url", None)}
+    return configure(settings)
+
+
 def load_session(args: argparse.Namespace) -> Session:
     from tunelab.eval.targets import chat_template_of, resolve_target
     from tunelab.models.loading import load_pretrained
+
+    configure_engine(args)
 
     target = resolve_target(args.target)
     model, tokenizer = load_pretrained(target.model_path)

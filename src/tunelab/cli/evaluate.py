@@ -75,11 +75,12 @@ def evaluate_target(cfg: DictConfig) -> dict:
     from tunelab.eval.report import comparison, print_comparison, write_reports
     from tunelab.eval.targets import resolve_target
     from tunelab.run import rundir
-    from tunelab.run.assemble import build_datamodule, build_evaluator, load_base, load_model, load_trained
+    from tunelab.run.assemble import build_datamodule, build_engine, build_evaluator, load_base, load_model, load_trained
 
     out_dir = Path(cfg.paths.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
+    build_engine(cfg)
     target = resolve_target(cfg.target)
     run_cfg = target.run_config if target else None
     data_cfg = run_cfg.data if (run_cfg is not None and cfg.data_from_run and "data" in run_cfg) else cfg.data

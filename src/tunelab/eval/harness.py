@@ -171,9 +171,14 @@ class Harness:
         """Everything besides the model and the task that changes a score (the cache key)."""
         import lm_eval
 
-        return {"num_fewshot": self.num_fewshot, "limit": self.limit, "chat": self.apply_chat_template,
-                "max_length": self.max_length, "seed": self.seed, "bootstrap_iters": self.bootstrap_iters,
-                "autocast": str(dtype), "lm_eval": lm_eval.__version__, "version": CACHE_VERSION}
+        from tunelab.core.generation import active_engine
+
+        settings = {"num_fewshot": self.num_fewshot, "limit": self.limit, "chat": self.apply_chat_template,
+                    "max_length": self.max_length, "seed": self.seed, "bootstrap_iters": self.bootstrap_iters,
+                    "autocast": str(dtype), "lm_eval": lm_eval.__version__, "version": CACHE_VERSION}
+        if active_engine().name != "hf":  # generative tasks sample elsewhere (hf keeps the keys it always had)
+            settings["engine"] = active_engine().name
+        return settings
 
     def cache_path(self, model_key: str, task: str, dtype) -> Path:
         from tunelab.data.fingerprints import digest
@@ -233,11 +238,38 @@ class Harness:
         return results
 
     def lm(self, model, tokenizer, dtype):
-        """HFLM around the in-memory model, autocast to the run's precision as generation is (None: as it is)."""
+        """HFLM around the in-memory model, autocast to the run's precision as generation is (None: as it is);
+        with another generation engine than hf, its generative tasks sample through that engine."""
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=self.batch_size,
+        from tunelab.core.generation import active_engine
+
+        kind = HFLM if active_engine().name == "hf" else engine_lm()
+        return kind(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=self.batch_size,
                     max_length=self.max_length, mixed_precision_dtype=dtype)
+
+
+def engine_lm():
+    """HFLM whose `generate_until` samples through tunelab's generation engine (e.g. vLLM) instead of HF
+    `generate`: up to the task's token budget, then lm-eval cuts the text at its stop strings as it always
+    does. Log-likelihood tasks score on the model object as before."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from tunelab.core.generation import sample, stop_token_ids
+
+    class EngineLM(HFLM):
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            mask = (torch.cumsum((context != self.tokenizer.pad_token_id).long(), 1) > 0).long()  # left padding
+            temperature = float(generation_kwargs.get("temperature") or 0.0)
+            do_sample = bool(generation_kwargs.get("do_sample", temperature > 0))
+            samples = sample(self.model, context, mask, max_new_tokens=max_length - context.shape[1],
+                             do_sample=do_sample, temperature=temperature or None, top_p=generation_kwargs.get("top_p"),
+                             top_k=generation_kwargs.get("top_k"), eos_token_id=sorted(stop_token_ids(self.model, self.tokenizer)),
+                             pad_token_id=self.tokenizer.pad_token_id, return_logprobs=False, tokenizer=self.tokenizer)
+            return torch.cat([context, samples.response], 1)
+
+    return EngineLM
 
 
 def task_source(task: str) -> str:

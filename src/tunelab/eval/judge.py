@@ -58,22 +58,26 @@ def local_judge_model(name_or_path: str):
 
 
 class LocalJudge:
-    """Replies from a local causal LM, through its chat template, greedy, on `device` (auto: the GPU if any)."""
+    """Replies from a local causal LM, through its chat template, greedy, on `device` (auto: the GPU if any),
+    sampled by the generation engine `engine` (hf; null: the run's, see conf/eval/judge.yaml)."""
 
     def __init__(self, model: str, max_new_tokens: int = 64, batch_size: int = 8, precision: str | None = "auto",
-                 device: str | None = "auto"):
+                 device: str | None = "auto", engine: str | None = "hf"):
         self.model, self.max_new_tokens, self.batch_size, self.precision = model, max_new_tokens, batch_size, precision
-        self.device = device
+        self.device, self.engine, self.engines = device, engine, {}
 
     def __call__(self, prompts: list[str]) -> list[str | None]:
-        from tunelab.core.generation import generate
+        from tunelab.core.generation import build_engine, generate
 
         model, tokenizer = local_judge_model(self.model)
         model.to(resolve_device(self.device))
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                add_generation_prompt=True) for p in prompts]
+        if self.engine and self.engine not in self.engines:  # built once (a vLLM server stays up between calls)
+            self.engines[self.engine] = build_engine({"engine": self.engine})
+        engine = self.engines.get(self.engine)  # None: the run's active engine
         return generate(model, tokenizer, texts, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
-                        precision=self.precision, description="judging", do_sample=False)
+                        precision=self.precision, description="judging", do_sample=False, engine=engine)
 
 
 class EndpointJudge:
@@ -109,7 +113,7 @@ class LLMJudge:
                  api_key: str | None = None, endpoint_model: str | None = None, rubric: str = DEFAULT_RUBRIC,
                  max_new_tokens: int = 64, batch_size: int = 8, precision: str | None = "auto",
                  timeout: float = 30.0, client=None, name: str = "judge", examples_per_category: int = 3,
-                 device: str | None = "auto"):
+                 device: str | None = "auto", engine: str | None = "hf"):
         for field in ("{prediction}",):
             if field not in rubric:
                 from tunelab.errors import TunelabError
@@ -121,7 +125,7 @@ class LLMJudge:
         elif url and api_key:
             self.client = EndpointJudge(url, api_key, endpoint_model or model, max_new_tokens, timeout)
         else:
-            self.client = LocalJudge(model, max_new_tokens, batch_size, precision, device)
+            self.client = LocalJudge(model, max_new_tokens, batch_size, precision, device, engine)
 
     def __call__(self, predictions: list[str], references: list[str], prompts: list[str] | None = None, **context):
         prompts = prompts or [""] * len(predictions)

@@ -1,5 +1,5 @@
 """The one place a composed config becomes objects: model, tokenizer, datamodule, LightningModule,
-evaluator and Trainer. `tunelab-train`, `tunelab-verify`, `tunelab-evaluate`, `tunelab-data inspect`,
+evaluator, generation engine and Trainer. `tunelab-train`, `tunelab-verify`, `tunelab-evaluate`, `tunelab-data inspect`,
 the benchmarks and the tests all build through here, so a tool that works for one method works for
 every method, and what is saved is what ran.
 """
@@ -73,6 +73,13 @@ def build_evaluator(cfg: DictConfig):
     return instantiate(without_headline(evaluator_config(cfg)), _convert_="all")
 
 
+def build_engine(cfg: DictConfig):
+    """The generation engine every sampler of this run uses (the `generation` group: hf | vllm)."""
+    from tunelab.core.generation import configure
+
+    return configure(cfg.get("generation"))
+
+
 def build_trainer(cfg: DictConfig, **arguments):
     """A Lightning Trainer from the (finalized) trainer group; `arguments` are what the caller wires in."""
     return instantiate(cfg.trainer, _convert_="all", **arguments)
@@ -92,6 +99,7 @@ def assemble(cfg: DictConfig) -> Parts:
     import pytorch_lightning as pl
 
     pl.seed_everything(cfg.seed, workers=True)
+    build_engine(cfg)
     model, tokenizer = load_model(cfg)
     datamodule = build_datamodule(cfg, tokenizer)
     module = build_module(cfg, model, tokenizer)

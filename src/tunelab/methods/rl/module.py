@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from tunelab.core.logprobs import frozen_reference
-from tunelab.core.tensors import masked_mean, position_ids, response_mask, to_left_padding, unwrap
+from tunelab.core.tensors import masked_mean, position_ids, to_left_padding, unwrap
 from tunelab.errors import TunelabError
 from tunelab.methods.base import LanguageModelModule
 from tunelab.methods.rewards import WeightedRewards, build_reward
@@ -205,27 +205,18 @@ class OnPolicyModule(LanguageModelModule):
     @torch.no_grad()
     def generate(self, query, query_mask, do_sample: bool = True):
         """(responses with pad after the first EOS, their mask, whether each ended, the engine's log-probs of the
-        sampled tokens at the sampling temperature or None): every row in one batched call."""
-        from trl.trainer.utils import selective_log_softmax
+        sampled tokens at the sampling temperature or None) for every row in one batched call of the generation
+        engine (core.generation: hf | vllm). The trainer re-scores every sampled token with the policy all the same."""
+        from tunelab.core.generation import sample
 
         tok, g = self.tokenizer, self.generation
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.phase("generate"), self.sampling_rng():
-                out = self.model.generate(
-                    input_ids=query, attention_mask=query_mask, do_sample=do_sample, max_new_tokens=g["max_new_tokens"],
-                    temperature=g["temperature"] if do_sample else None, top_k=g["top_k"] if do_sample else None,
-                    top_p=g["top_p"] if do_sample else None, pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True, use_cache=True)
-        finally:
-            self.model.train(was_training)
-        response = out.sequences[:, query.shape[1] :]
-        engine_logprobs = selective_log_softmax(torch.stack(out.logits, 1).float() / g["temperature"], response)
-        mask, has_eos = response_mask(response, tok.eos_token_id)
-        response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
-        self.token_counts["generated_tokens"] += int(mask.sum())
-        return response, mask, has_eos, engine_logprobs
+        precision = str(self.trainer.precision) if self._trainer is not None else None  # vLLM serves at it
+        with self.phase("generate"), self.sampling_rng():
+            samples = sample(self.model, query, query_mask, max_new_tokens=g["max_new_tokens"], do_sample=do_sample,
+                             temperature=g["temperature"], top_k=g["top_k"], top_p=g["top_p"], precision=precision,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tokenizer=tok)
+        self.token_counts["generated_tokens"] += int(samples.mask.sum())
+        return tuple(samples)
 
     def take_token_counts(self) -> dict[str, int]:
         """Tokens trained on (every pass of every update) and sampled since the last call (TrainingSummary's)."""
