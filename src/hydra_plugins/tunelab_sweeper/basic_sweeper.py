@@ -13,8 +13,14 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
 class LedgerBasicSweeper(BasicSweeper):
     def setup(self, *, hydra_context, task_function, config) -> None:
-        from tunelab.study.launcher import wrap  # here: Hydra imports this module on every start
+        from tunelab.cli.common import die
+        from tunelab.errors import TunelabError
+        from tunelab.study.launcher import check_launcher, wrap  # here: Hydra imports this module on every start
 
+        try:
+            check_launcher(config)  # one line, before any sweep dir exists, when the launcher cannot start
+        except TunelabError as err:
+            die(str(err), err.exit_code)
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.launcher = wrap(self.launcher, config)
 
