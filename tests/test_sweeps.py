@@ -117,38 +117,94 @@ def test_run_and_sweep_dirs_carry_microseconds_so_same_second_starts_do_not_coll
 
 # --- the Optuna sweeper ------------------------------------------------------------------------------
 
-def test_the_optuna_pin_is_what_is_installed():
+def test_no_optuna_2_or_sqlalchemy_1_pin_is_left_and_optuna_5_is_installed():
     import optuna
-    from importlib.metadata import version
+    import sqlalchemy
+    from packaging.requirements import Requirement
 
-    pins = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["optional-dependencies"]["sweeps"]
-    assert f"optuna=={optuna.__version__}" in pins
-    assert f"hydra-optuna-sweeper=={version('hydra-optuna-sweeper')}" in pins
-
-
-def test_non_finite_and_missing_returns_become_failed_jobs():
-    from hydra_plugins.tunelab_sweeper.optuna_sweeper import NonFiniteFails, TrialFailed
-
-    class Fixed:
-        def launch(self, job_overrides, initial_job_idx):
-            return [JobReturn(status=JobStatus.COMPLETED, _return_value=v) for v in (0.5, math.nan, math.inf, None)]
-
-    returns = NonFiniteFails(Fixed()).launch([["lr=1"], ["lr=2"], ["lr=3"], ["lr=4"]], 0)
-    assert [r.status for r in returns] == [JobStatus.COMPLETED] + [JobStatus.FAILED] * 3
-    assert returns[0].return_value == 0.5
-    with pytest.raises(TrialFailed, match="lr=2 returned nan: failed or diverged"):
-        returns[1].return_value
+    extras = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = {Requirement(r).name: Requirement(r).specifier for r in extras["sweeps"] + extras["dev"]}
+    assert "hydra-optuna-sweeper" not in pins                 # capped optuna < 3
+    assert not pins["optuna"].contains("2.10.1") and pins["optuna"].contains(optuna.__version__)
+    assert not pins["sqlalchemy"].contains("1.4.54") and pins["sqlalchemy"].contains(sqlalchemy.__version__)
+    assert int(optuna.__version__.split(".")[0]) >= 5
 
 
-def test_a_grid_whose_last_trial_fails_ends_cleanly():
-    import optuna
-    from hydra_plugins.tunelab_sweeper.optuna_sweeper import grid_exhaustion_tolerated
+def test_the_override_grammar_becomes_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"lr": [1.0, 2.0]}))
-    with grid_exhaustion_tolerated():
-        study.tell(study.ask(), 0.5)
-        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)   # the plugin's path for a failed trial
+    from hydra_plugins.tunelab_sweeper.search_space import grid_of, search_space
+
+    space, fixed = search_space(["optimizer.lr=tag(log, interval(1e-5, 1e-2))", "adapter.r=choice(4, 8)",
+                                 "trainer.max_steps=range(10, 41, 10)", "scheduler.warmup_ratio=interval(0.0, 0.2)",
+                                 "debug=fast", "seed=3"])
+    assert space == {"optimizer.lr": FloatDistribution(1e-5, 1e-2, log=True), "adapter.r": CategoricalDistribution([4, 8]),
+                     "trainer.max_steps": IntDistribution(10, 40, step=10),
+                     "scheduler.warmup_ratio": FloatDistribution(0.0, 0.2)}
+    assert fixed == {"debug": "fast", "seed": "3"}
+    assert search_space(["seed=range(1,4)"])[0]["seed"] == IntDistribution(1, 3)   # Hydra's range: stop excluded
+    grid = grid_of({k: space[k] for k in ("adapter.r", "trainer.max_steps")})
+    assert grid == {"adapter.r": [4, 8], "trainer.max_steps": [10, 20, 30, 40]}
+    with pytest.raises(TunelabError, match="sampler=grid needs a list for optimizer.lr"):
+        grid_of(space)
+
+
+def test_failed_diverged_and_missing_returns_have_no_values():
+    from hydra_plugins.tunelab_sweeper.optuna_sweeper import values_of
+
+    def ret(value, status=JobStatus.COMPLETED):
+        return JobReturn(status=status, _return_value=value)
+
+    assert values_of(ret(0.5), 1) == [0.5] and values_of(ret([0.5, 3]), 2) == [0.5, 3.0]
+    for bad in (math.nan, math.inf, None, "x", [0.5, math.nan]):
+        assert values_of(ret(bad), 1 if not isinstance(bad, list) else 2) is None, bad
+    assert values_of(ret(0.5), 2) is None                              # one value for two objectives
+    assert values_of(ret(RuntimeError("boom"), JobStatus.FAILED), 1) is None
+
+
+def sweeper(sampler: dict, direction="minimize", **options):
+    from hydra_plugins.tunelab_sweeper.optuna_sweeper import OptunaSweeper
+
+    return OptunaSweeper(sampler=OmegaConf.create(sampler), direction=direction, storage=None, study_name="t",
+                         n_trials=options.pop("n_trials", 4), n_jobs=1, max_failure_rate=1.0, params=None, **options)
+
+
+def test_a_grid_whose_last_trial_fails_ends_cleanly(tmp_path):
+    """GridSampler stops the study once its grid is used up, which raises outside `optimize()`."""
+    from optuna.distributions import CategoricalDistribution
+
+    search = sweeper({"_target_": "optuna.samplers.GridSampler", "seed": 0})
+    space = {"lr": CategoricalDistribution([1.0, 2.0])}
+    study = search.create_study(space)
+    assert search.n_trials == 2                                        # capped at the grid's size
+    first, second = (search.ask(study, space)[0] for _ in range(2))
+    assert search.tell(study, first.number, JobReturn(status=JobStatus.COMPLETED, _return_value=0.5)) is True
+    assert search.tell(study, second.number, JobReturn(status=JobStatus.COMPLETED, _return_value=math.nan)) is False
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    assert search.ask(study, space) == []                              # nothing missing: the search is done
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "hydra" / "sweeper" / "sampler").glob("*.yaml")))
+def test_every_sampler_by_name_proposes_values_in_the_search_space(name):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["+sweep=lr_optuna", f"hydra/sweeper/sampler={name}"], return_hydra_config=True)
+    several = name == "nsga2"
+    search = sweeper(cfg.hydra.sweeper.sampler, direction=["minimize", "minimize"] if several else "minimize", n_trials=6)
+    space = {"lr": CategoricalDistribution([1e-3, 3e-3, 1e-2])} if name == "grid" else {"lr": FloatDistribution(1e-5, 1e-2, log=True)}
+    study = search.create_study(space)
+    for _ in range(search.n_trials):
+        (trial,) = search.ask(study, space)
+        lr = trial.params["lr"]
+        assert 1e-5 <= lr <= 1e-2
+        values = [math.log(lr) ** 2, lr] if several else math.log(lr) ** 2
+        search.tell(study, trial.number, JobReturn(status=JobStatus.COMPLETED, _return_value=values))
+    assert type(study.sampler).__name__ == cfg.hydra.sweeper.sampler._target_.rsplit(".", 1)[-1]
+    assert len(study.trials) == search.n_trials and all(t.state.name == "COMPLETE" for t in study.trials)
 
 
 def test_optuna_sweep_of_three_trials_fails_the_diverged_one_and_returns_the_best(tmp_path):

@@ -79,6 +79,7 @@ class OptunaSweeper(Sweeper):
         self.sampler_cfg, self.directions = sampler, directions_of(direction)
         self.storage_spec, self.study_name, self.n_trials, self.n_jobs = storage, study_name, int(n_trials), int(n_jobs)
         self.max_failure_rate, self.params, self.pruner_cfg, self.prune_on = max_failure_rate, params, pruner, prune_on
+        self.seed = sampler.get("seed") if sampler else None
         self.asked: list[int] = []
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -95,7 +96,6 @@ class OptunaSweeper(Sweeper):
         launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                            task_function=task_function)
         self.launcher = wrap(launcher, config, numbering=self.take_numbers)
-        self.seed = OmegaConf.select(config, "hydra.sweeper.sampler.seed")
 
     def take_numbers(self, count: int) -> list[int]:
         """The trial numbers of the jobs the ledger launcher is handed (it names their dirs by them)."""
