@@ -23,11 +23,16 @@ from tests.helpers import make_cfg
 from tunelab.errors import TunelabError
 from tunelab.paths import CONF_DIR, REPO_DIR
 from tunelab.report import build_report
+from tunelab.study import ledger
 from tunelab.study.multirun import child_argv, job_label, optimized_value, swept_keys, sweep_job
 
 # The cheapest real job: tiny model, one step, loss-only evaluation on a few examples.
 QUICK = ["debug=fast", "trainer.enable_progress_bar=false", "trainer.max_steps=1", "eval.metrics=null",
          "eval.compare_base=false", "data.test_size=8", "data.val_size=4"]
+
+
+# QUICK with 4 steps and a validation every 2: something for a pruner to compare
+QUICK_VALIDATED = [*(a for a in QUICK if not a.startswith("trainer.max_steps")), "trainer.max_steps=4"]
 
 
 def tunelab_train(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -227,6 +232,54 @@ def test_optuna_sweep_of_three_trials_fails_the_diverged_one_and_returns_the_bes
     assert statuses == {"optimizer.lr=0.001": "finished", "optimizer.lr=inf": "diverged", "optimizer.lr=0.003": "finished"}
     assert any(w.startswith("diverged:") for w in report.comparison.warnings)
 
+
+
+def test_a_trial_worse_than_the_median_at_a_validation_is_pruned_and_marked(tmp_path):
+    """lr=10 is worse than the two finished trials at step 2: the median pruner stops it there (grid order, seed 0:
+    2e-3, 1e-3, then 10)."""
+    tunelab_train(tmp_path, "-m", "+sweep=lr_pruned", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
+                  "optimizer.lr=choice(10.0,1e-3,2e-3)", "trainer.val_check_interval=2", "study=prune",
+                  *QUICK_VALIDATED)
+    sweep = only_sweep_dir(tmp_path)
+    statuses = {yaml.safe_load((sweep / n / "resolved_config.yaml").read_text())["optimizer"]["lr"]: row.status
+                for n, row in ((str(n), row) for n, row in ledger.read(sweep).items())}
+    assert statuses == {2e-3: "finished", 1e-3: "finished", 10.0: "pruned"}
+    (pruned,) = [p for p in sweep.iterdir() if (p / "PRUNED").is_file()]
+    assert (pruned / "PRUNED").read_text().startswith("step 2: val/loss=")
+    import torch
+
+    assert torch.load(pruned / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2   # stopped there
+    import optuna
+
+    trials = optuna.load_study(study_name="prune", storage=f"sqlite:///{sweep}/optuna.db").trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert all(sorted(t.intermediate_values) == ([2] if t.state.name == "PRUNED" else [2, 4]) for t in trials)
+
+    report = build_report([sweep], out=tmp_path / "report")
+    assert dict(zip(report.runs.group, report.runs.status))["optimizer.lr=10.0"] == "pruned"
+    assert "| PRUNED |" in report.markdown_path.read_text()
+    assert any(w.startswith("pruned:") and "step 2" in w for w in report.comparison.warnings)
+
+
+def test_a_two_objective_search_records_its_pareto_front_and_the_report_lists_it(tmp_path):
+    tunelab_train(tmp_path, "-m", "+sweep=quality_vs_cost", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
+                  "trainer.max_steps=choice(1,2,4)", "optimizer.lr=1e-2", "study=pareto", *QUICK[:2], *QUICK[3:])
+    sweep = only_sweep_dir(tmp_path)
+    rows = ledger.read(sweep)
+    assert {r.metric for r in rows.values()} == {"tuned/test/loss,train/tokens_processed"}
+    points = {n: tuple(map(float, r.value.split(","))) for n, r in rows.items()}
+    assert len(points) == 3 and len({p[1] for p in points.values()}) == 3     # tokens grow with the steps
+    # by hand: a point is on the front unless another is at least as good on both and better on one
+    front = {n for n, p in points.items()
+             if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points.values())}
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["directions"] == ["minimize", "minimize"]
+    assert {t["number"] for t in result["best_trials"]} == front
+    report = build_report([sweep], out=tmp_path / "report")
+    text = report.markdown_path.read_text()
+    section = text[text.index("## Pareto front"):]
+    assert f"{len(front)} of the finished runs are not beaten" in section
+    assert {n for n in rows if f"`{(sweep / str(n)).resolve()}`" in section} == front
 
 
 # One generated token per test example, exact match only: predictions.jsonl lists the whole test split.

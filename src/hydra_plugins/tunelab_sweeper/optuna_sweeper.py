@@ -181,12 +181,12 @@ class OptunaSweeper(Sweeper):
 
         from tunelab.study.pruning import is_pruned
 
-        values = values_of(ret, len(self.directions))
-        if is_pruned(ret.working_dir):
+        values, run_dir = values_of(ret, len(self.directions)), self.run_dir_of(number)
+        if is_pruned(run_dir):
             state, values, outcome = TrialState.PRUNED, None, None
         elif values is None:
             log.warning("trial %d failed, diverged or returned no finite value: told to Optuna as FAIL (see FAILED / "
-                        "metrics.json in %s)", number, ret.working_dir)
+                        "metrics.json in %s)", number, run_dir)
             state, outcome = TrialState.FAIL, False
         else:
             state, outcome = TrialState.COMPLETE, True
@@ -198,6 +198,13 @@ class OptunaSweeper(Sweeper):
         except (ValueError, optuna.exceptions.OptunaError) as err:
             log.warning("trial %d could not be told to Optuna: %s", number, err)
         return outcome
+
+    def run_dir_of(self, number: int) -> Path:
+        """Where trial `number` ran: the ledger's word, else the sweep dir's job subdir (hydra.sweep.subdir)."""
+        from tunelab.study import ledger
+
+        row = ledger.read(self.sweep_dir).get(number)
+        return Path(row.run_dir) if row and row.run_dir else self.sweep_dir / str(number)
 
     def resume_killed(self, study) -> None:
         """Trials still RUNNING in the storage whose process on this machine is gone: run again in their own dir

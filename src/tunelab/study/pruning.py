@@ -26,19 +26,24 @@ def is_pruned(run_dir: str | Path | None) -> bool:
 
 
 class OptunaPruning(Callback):
-    def __init__(self, storage: str, study_name: str, trial: int, monitor: str = "val/loss", run_dir: str = ".") -> None:
+    def __init__(self, storage: str, study_name: str, trial: int, pruner, monitor: str = "val/loss",
+                 run_dir: str = ".") -> None:
         self.storage, self.study_name, self.number, self.monitor = storage, study_name, trial, monitor
-        self.run_dir = Path(run_dir)
+        self.pruner, self.run_dir = pruner, Path(run_dir)
         self._trial = None
 
     def trial(self):
         """The Optuna trial this run is (opened on first use: rank 0 only, after the sanity check)."""
         if self._trial is None:
             import optuna
+            from hydra.utils import instantiate
 
             from tunelab.study.storage import open_storage
 
-            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage))
+            # the sweeper's pruner (a study's storage keeps none: load_study would use a default one); Hydra has
+            # built it already when this callback came from the config
+            pruner = self.pruner if isinstance(self.pruner, optuna.pruners.BasePruner) else instantiate(self.pruner)
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage), pruner=pruner)
             trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, self.number)
             self._trial = optuna.trial.Trial(study, trial_id)
         return self._trial

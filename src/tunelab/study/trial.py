@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.run import rundir
 from tunelab.run.interrupts import RunInterrupted
@@ -108,6 +108,7 @@ def add_pruning(cfg: DictConfig, trial: Trial) -> None:
         cfg.callbacks.optuna_pruning = {"_target_": "tunelab.study.pruning.OptunaPruning",
                                         "storage": str(sweeper.storage), "study_name": str(sweeper.study_name),
                                         "trial": trial.number, "monitor": sweeper.get("prune_on") or "val/loss",
+                                        "pruner": OmegaConf.to_container(sweeper.pruner),  # built with the callback
                                         "run_dir": str(cfg.paths.run_dir)}
 
 
