@@ -37,7 +37,8 @@ class LedgerBasicSweeper(BasicSweeper):
 
         try:
             returns = super().sweep(arguments)
-        except TunelabError as err:  # a changed grid: one line, exit 2, nothing launched
+        except TunelabError as err:  # a changed grid (nothing launched), a launcher that failed, a trial lost
+            print(summary(self.launcher), flush=True)
             die(str(err), err.exit_code)
         except BaseException:
             print(summary(self.launcher), flush=True)
