@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,3 +105,39 @@ def ensure_slurm() -> None:
             return
         time.sleep(1)
     pytest.skip("scripts/setup_slurm.sh ran, but sinfo shows no idle node after 60 s")
+
+
+# --- Ray --------------------------------------------------------------------------------------------------
+
+@contextmanager
+def ray_cluster(env: dict, cpus: int = 2):
+    """A local Ray cluster (`ray start --head`), stopped by ending the process group this started; yields its
+    address. Its workers get `env` (PYTHONPATH, threads), as the machines of a real cluster have their own."""
+    import signal
+    import sys
+
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        pytest.skip("ray is not installed: pip install 'tunelab[ray]'")
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, temp = free_port(), tempfile.mkdtemp(prefix="ray")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}",
+                             "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline, said = time.monotonic() + 300, []
+        while not any("Ray runtime started" in line for line in said):   # what `ray start` prints once it is up
+            line = head.stdout.readline()
+            assert line and time.monotonic() < deadline, f"ray start --head did not come up: {''.join(said)[-3000:]}"
+            said.append(line)
+        threading.Thread(target=head.stdout.read, daemon=True).start()   # keep its pipe drained
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -41,9 +41,11 @@ def wait_for(path: Path, seconds: int = 300) -> None:
 
 
 def slurm_job_of(trial: int, sweep: Path) -> str:
-    """The SLURM job running a trial of a sweep's first batch: array task N of the array (submitit's folder ID_N)."""
-    (folder,) = [f.name for f in (sweep / ".submitit").iterdir() if f.name.endswith(f"_{trial}")]
-    return folder
+    """The SLURM job running a trial of a sweep's first batch: array task N of the array (submitit's folder ID_N);
+    a batch of one trial is a plain job (folder ID)."""
+    folders = [f.name for f in (sweep / ".submitit").iterdir() if f.is_dir()]
+    (job,) = [f for f in folders if f.endswith(f"_{trial}")] or [f for f in folders if f.isdigit()]
+    return job
 
 
 def test_a_slurm_sweep_without_slurm_is_one_line_and_leaves_no_sweep_dir(tmp_path):
