@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -111,8 +112,9 @@ def ensure_slurm() -> None:
 
 @contextmanager
 def ray_cluster(env: dict, cpus: int = 2):
-    """A local Ray cluster (`ray start --head`), stopped by ending the process group this started; yields its
-    address. Its workers get `env` (PYTHONPATH, threads), as the machines of a real cluster have their own."""
+    """A local Ray cluster (`ray start --head` on 127.0.0.1, token authentication with a token of its own), stopped
+    by ending the process group this started; yields (its address, the environment a driver needs to join it: the
+    token). Its workers get `env` (PYTHONPATH, threads), as the machines of a real cluster have their own."""
     import signal
     import sys
 
@@ -122,9 +124,10 @@ def ray_cluster(env: dict, cpus: int = 2):
         pytest.skip("ray is not installed: pip install 'tunelab[ray]'")
     ray_bin = Path(sys.executable).parent / "ray"
     port, temp = free_port(), tempfile.mkdtemp(prefix="ray")
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--num-cpus={cpus}",
-                             "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             f"--num-cpus={cpus}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={temp}"], env={**env, **auth}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         deadline, said = time.monotonic() + 300, []
@@ -133,7 +136,7 @@ def ray_cluster(env: dict, cpus: int = 2):
             assert line and time.monotonic() < deadline, f"ray start --head did not come up: {''.join(said)[-3000:]}"
             said.append(line)
         threading.Thread(target=head.stdout.read, daemon=True).start()   # keep its pipe drained
-        yield address
+        yield address, auth
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
