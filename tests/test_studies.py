@@ -163,6 +163,24 @@ def test_postgresql_urls_get_the_installed_driver():
     assert postgres_driver("mysql+pymysql://u@h/db") == "mysql+pymysql://u@h/db"
 
 
+def test_a_launcher_that_fails_at_launch_leaves_no_pending_trials_and_no_sweep_dir(tmp_path):
+    """What `hydra/launcher=slurm` did where submitit could not start: 2 `pending` rows that tunelab-report
+    then asked to re-run. Now the trials it never started leave the ledger again, and the empty sweep dir goes."""
+    from tunelab.errors import TunelabError
+    from tunelab.study.launcher import LedgerLauncher
+
+    class CannotStart:
+        def launch(self, job_overrides, initial_job_idx):
+            raise RuntimeError('Could not detect "srun", are you indeed on a slurm cluster?')
+
+    sweep = tmp_path / "multirun" / "x"
+    launcher = LedgerLauncher(CannotStart(), sweep, retry_failed=False, metric="tuned/test/loss")
+    with pytest.raises(TunelabError, match='could not run trials 0-1: RuntimeError: Could not detect "srun"'):
+        launcher.launch([["adapter=full"], ["adapter=lora"]], initial_job_idx=0)
+    assert not sweep.exists()
+    assert "0 started" in launcher.summary()
+
+
 def test_parallel_launcher_runs_trials_in_worker_processes_with_the_same_ledger(tmp_path):
     result = train(tmp_path, "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "seed=0,1", "study=par",
                    "hydra.sweep.dir=outputs/par", *QUICK)
