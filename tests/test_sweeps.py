@@ -189,6 +189,18 @@ def test_a_grid_whose_last_trial_fails_ends_cleanly(tmp_path):
     assert search.ask(study, space) == []                              # nothing missing: the search is done
 
 
+def test_objectives_and_directions_that_do_not_match_and_pruning_several_objectives_are_one_line_errors():
+    from hydra_plugins.tunelab_sweeper.optuna_sweeper import check_objectives
+
+    check_objectives(["tuned/test/loss", "train/tokens_processed"], ["minimize", "minimize"])
+    with pytest.raises(TunelabError, match="optimized_metric names 1 metric.* direction 2: give one direction per metric"):
+        check_objectives("tuned/test/loss", ["minimize", "minimize"])
+    several = sweeper({"_target_": "optuna.samplers.NSGAIISampler"}, direction=["minimize", "minimize"],
+                      pruner=OmegaConf.create({"_target_": "optuna.pruners.MedianPruner"}))
+    with pytest.raises(TunelabError, match="Optuna cannot prune a search with several objectives"):
+        several.create_study({})
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "hydra" / "sweeper" / "sampler").glob("*.yaml")))
 def test_every_sampler_by_name_proposes_values_in_the_search_space(name):
     from hydra import compose, initialize_config_dir

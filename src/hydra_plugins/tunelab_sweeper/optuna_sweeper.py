@@ -59,6 +59,15 @@ def directions_of(direction) -> list[str]:
     return [str(n) for n in names]
 
 
+def check_objectives(metric, directions: list[str]) -> None:
+    """One direction per optimized metric (a list of metrics: several objectives)."""
+    names = [metric] if metric is None or isinstance(metric, str) else list(metric)
+    if len(names) != len(directions):
+        raise TunelabError(f"optimized_metric names {len(names)} metric(s) and hydra.sweeper.direction {len(directions)}: "
+                           "give one direction per metric, e.g. optimized_metric=[tuned/test/loss,train/tokens_processed] "
+                           "hydra.sweeper.direction=[minimize,minimize]")
+
+
 def reseed_for_trial(sampler, seed: int | None, number: int) -> None:
     """A seeded sampler draws trial N's independent values from seed + N: a resumed search draws what an unbroken
     one would, and two workers on one study do not replay the same random sequence. (Optuna's public
@@ -90,6 +99,7 @@ class OptunaSweeper(Sweeper):
 
         try:
             check_launcher(config)  # one line, before any sweep dir exists, when the launcher cannot start
+            check_objectives(config.get("optimized_metric"), self.directions)
         except TunelabError as err:
             die(str(err), err.exit_code)
         self.config, self.sweep_dir = config, Path(config.hydra.sweep.dir)
@@ -128,7 +138,7 @@ class OptunaSweeper(Sweeper):
                          for trial in batch]
             self.asked += [trial.number for trial in batch]
             returns = self.launcher.launch(overrides, initial_job_idx=batch[0].number)
-            failures += sum(self.tell(study, trial.number, ret) is not True for trial, ret in zip(batch, returns))
+            failures += sum(self.tell(study, trial.number, ret) is False for trial, ret in zip(batch, returns))
             if failures > self.max_failure_rate * self.n_trials:
                 raise TrialFailed(f"{failures} trials failed, more than hydra.sweeper.max_failure_rate="
                                   f"{self.max_failure_rate} of {self.n_trials}; see the FAILED files in {self.sweep_dir}")
