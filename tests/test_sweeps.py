@@ -193,7 +193,7 @@ def test_objectives_and_directions_that_do_not_match_and_pruning_several_objecti
     from hydra_plugins.tunelab_sweeper.optuna_sweeper import check_objectives
 
     check_objectives(["tuned/test/loss", "train/tokens_processed"], ["minimize", "minimize"])
-    with pytest.raises(TunelabError, match="optimized_metric names 1 metric.* direction 2: give one direction per metric"):
+    with pytest.raises(TunelabError, match=r"optimized_metric names 1 metric.*direction 2: give one direction per metric"):
         check_objectives("tuned/test/loss", ["minimize", "minimize"])
     several = sweeper({"_target_": "optuna.samplers.NSGAIISampler"}, direction=["minimize", "minimize"],
                       pruner=OmegaConf.create({"_target_": "optuna.pruners.MedianPruner"}))
