@@ -90,6 +90,7 @@ class OptunaSweeper(Sweeper):
         self.max_failure_rate, self.params, self.pruner_cfg, self.prune_on = max_failure_rate, params, pruner, prune_on
         self.seed = sampler.get("seed") if sampler else None
         self.asked: list[int] = []
+        self.sweep_dir: Path | None = None   # set by setup (Hydra's); a sweeper used on its own has no run dirs
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -209,10 +210,12 @@ class OptunaSweeper(Sweeper):
             log.warning("trial %d could not be told to Optuna: %s", number, err)
         return outcome
 
-    def run_dir_of(self, number: int) -> Path:
+    def run_dir_of(self, number: int) -> Path | None:
         """Where trial `number` ran: the ledger's word, else the sweep dir's job subdir (hydra.sweep.subdir)."""
         from tunelab.study import ledger
 
+        if self.sweep_dir is None:
+            return None
         row = ledger.read(self.sweep_dir).get(number)
         return Path(row.run_dir) if row and row.run_dir else self.sweep_dir / str(number)
 
