@@ -1,5 +1,6 @@
 """Studies at scale: the ledger of a killed grid re-run (finished untouched, killed resumed, failed retried only
-when asked, a changed grid refused), an Optuna SQLite study resumed and shared by two workers, parallel trials,
+when asked, a changed grid refused), an Optuna SQLite study resumed and shared by two workers, one study on a real
+PostgreSQL server and one in a journal file shared by processes, a launcher that fails at launch, parallel trials,
 a W&B sweep run in the same ledger, and the reports (markdown and the W&B Report object, offline)."""
 
 import hashlib

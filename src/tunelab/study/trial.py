@@ -1,7 +1,8 @@
 """A trial records itself in its study's ledger: running when it starts (with its process, so a re-run can
 tell a live trial from a killed one), then finished, diverged, failed or interrupted, with its value and
 W&B run id. A trial that was started before and left a checkpoint continues from it (`ckpt_path=auto`),
-which also continues its W&B run (the id kept in the run dir).
+which also continues its W&B run (the id kept in the run dir). A trial of an Optuna search with a pruner reports
+its validation metric to its Optuna trial (tunelab.study.pruning) and ends `pruned` when told to stop.
 
 Two ways into a ledger: a job of a Hydra multirun (the sweep dir's ledger, its job number), and a run
 started by `wandb agent` (WANDB_SWEEP_ID set: `ledger.wandb_sweeps_dir/<sweep id>`, a row per W&B run).
