@@ -5,6 +5,7 @@ be installed here."""
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import secrets
@@ -98,7 +99,9 @@ def ensure_slurm() -> None:
         return
     if os.geteuid() != 0:
         pytest.skip("no SLURM cluster here, and only root can start one (scripts/setup_slurm.sh)")
-    done = subprocess.run(["bash", str(SETUP_SLURM)], capture_output=True, text=True, timeout=900)
+    with open("/tmp/tunelab-setup-slurm.lock", "w") as lock:   # pytest-xdist workers: one set-up at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run(["bash", str(SETUP_SLURM)], capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         pytest.skip(f"scripts/setup_slurm.sh could not start SLURM: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
     for _ in range(60):
