@@ -141,6 +141,18 @@ def test_two_workers_on_one_postgresql_study_run_distinct_trials(tmp_path):
     assert len({t.params["optimizer.lr"] for t in trials}) == len(trials)
 
 
+def test_workers_that_open_a_new_postgresql_storage_at_once_all_get_it():
+    """Each creates the study tables at the same moment; all but one collide (a duplicate type) and try again."""
+    from tests.cluster import postgres_server
+
+    script = "import sys; from tunelab.study.storage import open_storage; open_storage(sys.argv[1])"
+    with postgres_server() as url:
+        procs = [subprocess.Popen([sys.executable, "-c", script, url], env=env(), stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)[-3000:]
+
+
 def test_a_journal_file_study_is_shared_by_processes_and_survives_them(tmp_path):
     """Optuna's journal file (a shared file system, no server): two processes ask and tell on one study."""
     import optuna

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import time
 from pathlib import Path
 
 JOURNAL = "journal:"
@@ -45,5 +46,19 @@ def open_storage(spec):
         with open(path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             return optuna.storages.RDBStorage(spec, engine_kwargs={"connect_args": {"timeout": 300}})
-    # a server: reconnect after a dropped connection instead of failing the trial
-    return optuna.storages.RDBStorage(postgres_driver(spec), engine_kwargs={"pool_pre_ping": True})
+    return server_storage(postgres_driver(spec))
+
+
+def server_storage(url: str, attempts: int = 5):
+    """RDBStorage on a database server. Workers started together on a new study all create its tables at once,
+    and all but one fail (PostgreSQL: a duplicate type); the tables exist by then, so those try again."""
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:  # pool_pre_ping: reconnect after a dropped connection instead of failing the trial
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
