@@ -273,6 +273,27 @@ def test_a_trial_worse_than_the_median_at_a_validation_is_pruned_and_marked(tmp_
     assert any(w.startswith("pruned:") and "step 2" in w for w in report.comparison.warnings)
 
 
+def test_the_report_lists_the_pareto_front_of_a_two_objective_search(tmp_path):
+    """Four trials of loss vs tokens, as a two-objective sweep leaves them: (1.0, 400) and (2.0, 100) and (1.5, 200)
+    are each best somewhere; (2.5, 300) is beaten on both by (1.5, 200). The same check on real trials: the slow test
+    below."""
+    from tests.test_report import config, fake_run
+
+    points = {0: (1.0, 400), 1: (2.0, 100), 2: (1.5, 200), 3: (2.5, 300)}
+    for n, (loss, tokens) in points.items():
+        run = fake_run(tmp_path / "sweep" / str(n), [f"optimizer.lr={n}e-3"],
+                       config("lora", 0, n * 1e-3) | {"optimized_metric": ["tuned/test/loss", "train/tokens_processed"]},
+                       {"tuned/test/loss": loss, "train/tokens_processed": tokens})
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"direction": ["minimize", "minimize"]}}}))
+    text = build_report([tmp_path / "sweep"], out=tmp_path / "report").markdown_path.read_text()
+    section = text[text.index("## Pareto front"):]
+    assert "3 of the finished runs are not beaten on every objective at once" in section
+    on_front = [n for n in points if f"`{(tmp_path / 'sweep' / str(n)).resolve()}`" in section]
+    assert on_front == [0, 1, 2]
+    assert section.index("| optimizer.lr=0e-3 |") < section.index("| optimizer.lr=2e-3 |") < section.index("| optimizer.lr=1e-3 |")
+
+
+@pytest.mark.slow   # ~1 min; the report's part runs in the default suite above
 def test_a_two_objective_search_records_its_pareto_front_and_the_report_lists_it(tmp_path):
     tunelab_train(tmp_path, "-m", "+sweep=quality_vs_cost", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
                   "trainer.max_steps=choice(1,2,4)", "optimizer.lr=1e-2", "study=pareto", *QUICK[:2], *QUICK[3:])
