@@ -19,7 +19,13 @@ stop() {
   done
 }
 
-if [ "${1:-}" = "stop" ]; then stop; exit 0; fi
+if [ "${1:-}" = "stop" ]; then
+  stop
+  if [ -f /run/munge/munged.pid ] && kill -0 "$(cat /run/munge/munged.pid)" 2>/dev/null; then
+    kill "$(cat /run/munge/munged.pid)" && log "stopped munged"
+  fi
+  exit 0
+fi
 if [ "$(id -u)" != 0 ]; then log "run as root (it installs packages and starts system daemons)"; exit 1; fi
 if command -v sinfo >/dev/null && sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mix|alloc'; then
   log "SLURM is up:"; sinfo >&2; exit 0
