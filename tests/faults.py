@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 from pytorch_lightning import Callback
 
@@ -19,7 +21,9 @@ def job_number() -> int | None:
 
 class InjectFault(Callback):
     """TUNELAB_FAIL_JOB=N: job N fails (a TunelabError, as a bad input would); TUNELAB_KILL_JOB=N: job N's
-    process is SIGKILLed after TUNELAB_KILL_STEP optimizer steps (nothing saved: a lost machine)."""
+    process is SIGKILLed after TUNELAB_KILL_STEP optimizer steps (nothing saved: a lost machine);
+    TUNELAB_HOLD_JOB=N: job N, when it started fresh (not from a checkpoint), waits after TUNELAB_HOLD_STEP steps,
+    with a file HELD in its run dir, for a test to do something to it (scancel, requeue), up to 5 minutes."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         job = str(job_number())
@@ -27,3 +31,8 @@ class InjectFault(Callback):
             raise TunelabError("injected failure")
         if os.environ.get("TUNELAB_KILL_JOB") == job and trainer.global_step >= int(os.environ.get("TUNELAB_KILL_STEP", "4")):
             os.kill(os.getpid(), signal.SIGKILL)
+        if (os.environ.get("TUNELAB_HOLD_JOB") == job and trainer.ckpt_path is None
+                and trainer.global_step == int(os.environ.get("TUNELAB_HOLD_STEP", "3"))):
+            (Path(trainer.default_root_dir) / "HELD").write_text(f"{os.getpid()}\n")
+            for _ in range(1500):
+                time.sleep(0.2)

@@ -1,5 +1,6 @@
 """Studies at scale: the ledger of a killed grid re-run (finished untouched, killed resumed, failed retried only
-when asked, a changed grid refused), an Optuna SQLite study resumed and shared by two workers, parallel trials,
+when asked, a changed grid refused), an Optuna SQLite study resumed and shared by two workers, one study on a real
+PostgreSQL server and one in a journal file shared by processes, a launcher that fails at launch, parallel trials,
 a W&B sweep run in the same ledger, and the reports (markdown and the W&B Report object, offline)."""
 
 import hashlib
@@ -14,6 +15,7 @@ from tests.test_report import config, fake_run
 from tunelab.paths import REPO_DIR
 from tunelab.report import build_report
 from tunelab.study import ledger
+from tunelab.study.storage import open_storage
 
 # The tiny model, 4 steps with a checkpoint every 2, loss-only evaluation: a trial takes a few seconds.
 QUICK = ["debug=fast", "trainer.enable_progress_bar=false", "eval.metrics=null", "eval.compare_base=false",
@@ -98,13 +100,10 @@ def test_an_optuna_study_killed_after_three_of_six_trials_continues_to_six(tmp_p
     assert f"best_value: {best}" in (sweep / "optimization_results.yaml").read_text()
 
 
+@pytest.mark.slow   # the same two workers on PostgreSQL run in the default suite
 def test_two_workers_on_one_sqlite_study_run_distinct_trials(tmp_path):
     search = ["-m", "+sweep=lr_optuna", "hydra.sweeper.n_trials=4", "study=shared", "hydra.sweep.dir=outputs/shared", *QUICK]
-    cmd = [sys.executable, "-m", "tunelab.cli.train", *search]
-    workers = [subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for _ in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    run_two_workers(tmp_path, search)
     sweep = tmp_path / "outputs" / "shared"
     trials = optuna_trials(sweep, "shared")
     # n_trials counts the study's trials; two asks at the same instant may both pass the count (one extra)
@@ -113,6 +112,86 @@ def test_two_workers_on_one_sqlite_study_run_distinct_trials(tmp_path):
     assert sorted(rows) == [t.number for t in trials]                    # one row and one dir per trial
     assert len({r.pid for r in rows.values()}) == 2                      # both workers ran trials
     assert len({t.params["optimizer.lr"] for t in trials}) == len(trials)  # and drew different values
+
+
+def run_two_workers(cwd: Path, search: list[str]) -> None:
+    cmd = [sys.executable, "-m", "tunelab.cli.train", *search]
+    workers = [subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+
+
+def test_two_workers_on_one_postgresql_study_run_distinct_trials(tmp_path):
+    """A real PostgreSQL server (Debian's package, started here): the storage a study on several machines uses."""
+    import optuna
+
+    from tests.cluster import postgres_server
+
+    with postgres_server() as url:
+        search = ["-m", "+sweep=lr_optuna", "hydra.sweeper.n_trials=4", "study=pg", f"hydra.sweeper.storage={url}",
+                  "hydra.sweep.dir=outputs/pg", *QUICK]
+        run_two_workers(tmp_path, search)
+        trials = optuna.load_study(study_name="pg", storage=open_storage(url)).trials
+    assert not (tmp_path / "outputs" / "pg" / "optuna.db").exists()     # the study lives in the server
+    assert 4 <= len(trials) <= 5 and all(t.state.name == "COMPLETE" for t in trials)
+    rows = ledger.read(tmp_path / "outputs" / "pg")
+    assert sorted(rows) == [t.number for t in trials]
+    assert len({r.pid for r in rows.values()}) == 2
+    assert len({t.params["optimizer.lr"] for t in trials}) == len(trials)
+
+
+def test_workers_that_open_a_new_postgresql_storage_at_once_all_get_it():
+    """Each creates the study tables at the same moment; all but one collide (a duplicate type) and try again."""
+    from tests.cluster import postgres_server
+
+    script = "import sys; from tunelab.study.storage import open_storage; open_storage(sys.argv[1])"
+    with postgres_server() as url:
+        procs = [subprocess.Popen([sys.executable, "-c", script, url], env=env(), stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)[-3000:]
+
+
+def test_a_journal_file_study_is_shared_by_processes_and_survives_them(tmp_path):
+    """Optuna's journal file (a shared file system, no server): two processes ask and tell on one study."""
+    import optuna
+
+    journal = f"journal:{tmp_path}/shared/optuna.log"
+    script = ("import sys, optuna; from tunelab.study.storage import open_storage\n"
+              "study = optuna.create_study(study_name='j', storage=open_storage(sys.argv[1]), load_if_exists=True)\n"
+              "for _ in range(3):\n"
+              "    t = study.ask(); study.tell(t, (t.suggest_float('x', -1, 1) - 0.5) ** 2)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, journal], env=env()) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    trials = optuna.load_study(study_name="j", storage=open_storage(journal)).trials
+    assert sorted(t.number for t in trials) == list(range(6)) and all(t.state.name == "COMPLETE" for t in trials)
+
+
+def test_postgresql_urls_get_the_installed_driver():
+    from tunelab.study.storage import postgres_driver
+
+    assert postgres_driver("postgresql://u@h:5432/db") == "postgresql+psycopg://u@h:5432/db"   # psycopg 3 here
+    assert postgres_driver("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"   # an explicit driver stays
+    assert postgres_driver("mysql+pymysql://u@h/db") == "mysql+pymysql://u@h/db"
+
+
+def test_a_launcher_that_fails_at_launch_leaves_no_pending_trials_and_no_sweep_dir(tmp_path):
+    """What `hydra/launcher=slurm` did where submitit could not start: 2 `pending` rows that tunelab-report
+    then asked to re-run. Now the trials it never started leave the ledger again, and the empty sweep dir goes."""
+    from tunelab.errors import TunelabError
+    from tunelab.study.launcher import LedgerLauncher
+
+    class CannotStart:
+        def launch(self, job_overrides, initial_job_idx):
+            raise RuntimeError('Could not detect "srun", are you indeed on a slurm cluster?')
+
+    sweep = tmp_path / "multirun" / "x"
+    launcher = LedgerLauncher(CannotStart(), sweep, retry_failed=False, metric="tuned/test/loss")
+    with pytest.raises(TunelabError, match='could not run trials 0-1: RuntimeError: Could not detect "srun"'):
+        launcher.launch([["adapter=full"], ["adapter=lora"]], initial_job_idx=0)
+    assert not sweep.exists()
+    assert "0 started" in launcher.summary()
 
 
 def test_parallel_launcher_runs_trials_in_worker_processes_with_the_same_ledger(tmp_path):

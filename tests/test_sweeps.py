@@ -23,11 +23,16 @@ from tests.helpers import make_cfg
 from tunelab.errors import TunelabError
 from tunelab.paths import CONF_DIR, REPO_DIR
 from tunelab.report import build_report
+from tunelab.study import ledger
 from tunelab.study.multirun import child_argv, job_label, optimized_value, swept_keys, sweep_job
 
 # The cheapest real job: tiny model, one step, loss-only evaluation on a few examples.
 QUICK = ["debug=fast", "trainer.enable_progress_bar=false", "trainer.max_steps=1", "eval.metrics=null",
          "eval.compare_base=false", "data.test_size=8", "data.val_size=4"]
+
+
+# QUICK with 4 steps and a validation every 2: something for a pruner to compare
+QUICK_VALIDATED = [*(a for a in QUICK if not a.startswith("trainer.max_steps")), "trainer.max_steps=4"]
 
 
 def tunelab_train(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -117,38 +122,106 @@ def test_run_and_sweep_dirs_carry_microseconds_so_same_second_starts_do_not_coll
 
 # --- the Optuna sweeper ------------------------------------------------------------------------------
 
-def test_the_optuna_pin_is_what_is_installed():
+def test_no_optuna_2_or_sqlalchemy_1_pin_is_left_and_optuna_5_is_installed():
     import optuna
-    from importlib.metadata import version
+    import sqlalchemy
+    from packaging.requirements import Requirement
 
-    pins = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["optional-dependencies"]["sweeps"]
-    assert f"optuna=={optuna.__version__}" in pins
-    assert f"hydra-optuna-sweeper=={version('hydra-optuna-sweeper')}" in pins
-
-
-def test_non_finite_and_missing_returns_become_failed_jobs():
-    from hydra_plugins.tunelab_sweeper.optuna_sweeper import NonFiniteFails, TrialFailed
-
-    class Fixed:
-        def launch(self, job_overrides, initial_job_idx):
-            return [JobReturn(status=JobStatus.COMPLETED, _return_value=v) for v in (0.5, math.nan, math.inf, None)]
-
-    returns = NonFiniteFails(Fixed()).launch([["lr=1"], ["lr=2"], ["lr=3"], ["lr=4"]], 0)
-    assert [r.status for r in returns] == [JobStatus.COMPLETED] + [JobStatus.FAILED] * 3
-    assert returns[0].return_value == 0.5
-    with pytest.raises(TrialFailed, match="lr=2 returned nan: failed or diverged"):
-        returns[1].return_value
+    extras = tomllib.loads((REPO_DIR / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = {Requirement(r).name: Requirement(r).specifier for r in extras["sweeps"] + extras["dev"]}
+    assert "hydra-optuna-sweeper" not in pins                 # capped optuna < 3
+    assert not pins["optuna"].contains("2.10.1") and pins["optuna"].contains(optuna.__version__)
+    assert not pins["sqlalchemy"].contains("1.4.54") and pins["sqlalchemy"].contains(sqlalchemy.__version__)
+    assert int(optuna.__version__.split(".")[0]) >= 5
 
 
-def test_a_grid_whose_last_trial_fails_ends_cleanly():
-    import optuna
-    from hydra_plugins.tunelab_sweeper.optuna_sweeper import grid_exhaustion_tolerated
+def test_the_override_grammar_becomes_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"lr": [1.0, 2.0]}))
-    with grid_exhaustion_tolerated():
-        study.tell(study.ask(), 0.5)
-        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)   # the plugin's path for a failed trial
+    from hydra_plugins.tunelab_sweeper.search_space import grid_of, search_space
+
+    space, fixed = search_space(["optimizer.lr=tag(log, interval(1e-5, 1e-2))", "adapter.r=choice(4, 8)",
+                                 "trainer.max_steps=range(10, 41, 10)", "scheduler.warmup_ratio=interval(0.0, 0.2)",
+                                 "debug=fast", "seed=3"])
+    assert space == {"optimizer.lr": FloatDistribution(1e-5, 1e-2, log=True), "adapter.r": CategoricalDistribution([4, 8]),
+                     "trainer.max_steps": IntDistribution(10, 40, step=10),
+                     "scheduler.warmup_ratio": FloatDistribution(0.0, 0.2)}
+    assert fixed == {"debug": "fast", "seed": "3"}
+    assert search_space(["seed=range(1,4)"])[0]["seed"] == IntDistribution(1, 3)   # Hydra's range: stop excluded
+    grid = grid_of({k: space[k] for k in ("adapter.r", "trainer.max_steps")})
+    assert grid == {"adapter.r": [4, 8], "trainer.max_steps": [10, 20, 30, 40]}
+    with pytest.raises(TunelabError, match="sampler=grid needs a list for optimizer.lr"):
+        grid_of(space)
+
+
+def test_failed_diverged_and_missing_returns_have_no_values():
+    from hydra_plugins.tunelab_sweeper.optuna_sweeper import values_of
+
+    def ret(value, status=JobStatus.COMPLETED):
+        return JobReturn(status=status, _return_value=value)
+
+    assert values_of(ret(0.5), 1) == [0.5] and values_of(ret([0.5, 3]), 2) == [0.5, 3.0]
+    for bad in (math.nan, math.inf, None, "x", [0.5, math.nan]):
+        assert values_of(ret(bad), 1 if not isinstance(bad, list) else 2) is None, bad
+    assert values_of(ret(0.5), 2) is None                              # one value for two objectives
+    assert values_of(ret(RuntimeError("boom"), JobStatus.FAILED), 1) is None
+
+
+def sweeper(sampler: dict, direction="minimize", **options):
+    from hydra_plugins.tunelab_sweeper.optuna_sweeper import OptunaSweeper
+
+    return OptunaSweeper(sampler=OmegaConf.create(sampler), direction=direction, storage=None, study_name="t",
+                         n_trials=options.pop("n_trials", 4), n_jobs=1, max_failure_rate=1.0, params=None, **options)
+
+
+def test_a_grid_whose_last_trial_fails_ends_cleanly(tmp_path):
+    """GridSampler stops the study once its grid is used up, which raises outside `optimize()`."""
+    from optuna.distributions import CategoricalDistribution
+
+    search = sweeper({"_target_": "optuna.samplers.GridSampler", "seed": 0})
+    space = {"lr": CategoricalDistribution([1.0, 2.0])}
+    study = search.create_study(space)
+    assert search.n_trials == 2                                        # capped at the grid's size
+    first, second = (search.ask(study, space)[0] for _ in range(2))
+    assert search.tell(study, first.number, JobReturn(status=JobStatus.COMPLETED, _return_value=0.5)) is True
+    assert search.tell(study, second.number, JobReturn(status=JobStatus.COMPLETED, _return_value=math.nan)) is False
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    assert search.ask(study, space) == []                              # nothing missing: the search is done
+
+
+def test_objectives_and_directions_that_do_not_match_and_pruning_several_objectives_are_one_line_errors():
+    from hydra_plugins.tunelab_sweeper.optuna_sweeper import check_objectives
+
+    check_objectives(["tuned/test/loss", "train/tokens_processed"], ["minimize", "minimize"])
+    with pytest.raises(TunelabError, match=r"optimized_metric names 1 metric.*direction 2: give one direction per metric"):
+        check_objectives("tuned/test/loss", ["minimize", "minimize"])
+    several = sweeper({"_target_": "optuna.samplers.NSGAIISampler"}, direction=["minimize", "minimize"],
+                      pruner=OmegaConf.create({"_target_": "optuna.pruners.MedianPruner"}))
+    with pytest.raises(TunelabError, match="Optuna cannot prune a search with several objectives"):
+        several.create_study({})
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "hydra" / "sweeper" / "sampler").glob("*.yaml")))
+def test_every_sampler_by_name_proposes_values_in_the_search_space(name):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["+sweep=lr_optuna", f"hydra/sweeper/sampler={name}"], return_hydra_config=True)
+    several = name == "nsga2"
+    search = sweeper(cfg.hydra.sweeper.sampler, direction=["minimize", "minimize"] if several else "minimize", n_trials=6)
+    space = {"lr": CategoricalDistribution([1e-3, 3e-3, 1e-2])} if name == "grid" else {"lr": FloatDistribution(1e-5, 1e-2, log=True)}
+    study = search.create_study(space)
+    for _ in range(search.n_trials):
+        (trial,) = search.ask(study, space)
+        lr = trial.params["lr"]
+        assert 1e-5 <= lr <= 1e-2
+        values = [math.log(lr) ** 2, lr] if several else math.log(lr) ** 2
+        search.tell(study, trial.number, JobReturn(status=JobStatus.COMPLETED, _return_value=values))
+    assert type(study.sampler).__name__ == cfg.hydra.sweeper.sampler._target_.rsplit(".", 1)[-1]
+    assert len(study.trials) == search.n_trials and all(t.state.name == "COMPLETE" for t in study.trials)
 
 
 def test_optuna_sweep_of_three_trials_fails_the_diverged_one_and_returns_the_best(tmp_path):
@@ -171,6 +244,75 @@ def test_optuna_sweep_of_three_trials_fails_the_diverged_one_and_returns_the_bes
     assert statuses == {"optimizer.lr=0.001": "finished", "optimizer.lr=inf": "diverged", "optimizer.lr=0.003": "finished"}
     assert any(w.startswith("diverged:") for w in report.comparison.warnings)
 
+
+
+def test_a_trial_worse_than_the_median_at_a_validation_is_pruned_and_marked(tmp_path):
+    """lr=10 is worse than the two finished trials at step 2: the median pruner stops it there (grid order, seed 0:
+    2e-3, 1e-3, then 10)."""
+    tunelab_train(tmp_path, "-m", "+sweep=lr_pruned", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
+                  "optimizer.lr=choice(10.0,1e-3,2e-3)", "trainer.val_check_interval=2", "study=prune",
+                  *QUICK_VALIDATED)
+    sweep = only_sweep_dir(tmp_path)
+    statuses = {yaml.safe_load((sweep / n / "resolved_config.yaml").read_text())["optimizer"]["lr"]: row.status
+                for n, row in ((str(n), row) for n, row in ledger.read(sweep).items())}
+    assert statuses == {2e-3: "finished", 1e-3: "finished", 10.0: "pruned"}
+    (pruned,) = [p for p in sweep.iterdir() if (p / "PRUNED").is_file()]
+    assert (pruned / "PRUNED").read_text().startswith("step 2: val/loss=")
+    import torch
+
+    assert torch.load(pruned / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2   # stopped there
+    import optuna
+
+    trials = optuna.load_study(study_name="prune", storage=f"sqlite:///{sweep}/optuna.db").trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert all(sorted(t.intermediate_values) == ([2] if t.state.name == "PRUNED" else [2, 4]) for t in trials)
+
+    report = build_report([sweep], out=tmp_path / "report")
+    assert dict(zip(report.runs.group, report.runs.status))["optimizer.lr=10.0"] == "pruned"
+    assert "| PRUNED |" in report.markdown_path.read_text()
+    assert any(w.startswith("pruned:") and "step 2" in w for w in report.comparison.warnings)
+
+
+def test_the_report_lists_the_pareto_front_of_a_two_objective_search(tmp_path):
+    """Four trials of loss vs tokens, as a two-objective sweep leaves them: (1.0, 400) and (2.0, 100) and (1.5, 200)
+    are each best somewhere; (2.5, 300) is beaten on both by (1.5, 200). The same check on real trials: the slow test
+    below."""
+    from tests.test_report import config, fake_run
+
+    points = {0: (1.0, 400), 1: (2.0, 100), 2: (1.5, 200), 3: (2.5, 300)}
+    for n, (loss, tokens) in points.items():
+        run = fake_run(tmp_path / "sweep" / str(n), [f"optimizer.lr={n}e-3"],
+                       config("lora", 0, n * 1e-3) | {"optimized_metric": ["tuned/test/loss", "train/tokens_processed"]},
+                       {"tuned/test/loss": loss, "train/tokens_processed": tokens})
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"direction": ["minimize", "minimize"]}}}))
+    text = build_report([tmp_path / "sweep"], out=tmp_path / "report").markdown_path.read_text()
+    section = text[text.index("## Pareto front"):]
+    assert "3 of the finished runs are not beaten on every objective at once" in section
+    on_front = [n for n in points if f"`{(tmp_path / 'sweep' / str(n)).resolve()}`" in section]
+    assert on_front == [0, 1, 2]
+    assert section.index("| optimizer.lr=0e-3 |") < section.index("| optimizer.lr=2e-3 |") < section.index("| optimizer.lr=1e-3 |")
+
+
+@pytest.mark.slow   # ~1 min; the report's part runs in the default suite above
+def test_a_two_objective_search_records_its_pareto_front_and_the_report_lists_it(tmp_path):
+    tunelab_train(tmp_path, "-m", "+sweep=quality_vs_cost", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
+                  "trainer.max_steps=choice(1,2,4)", "optimizer.lr=1e-2", "study=pareto", *QUICK[:2], *QUICK[3:])
+    sweep = only_sweep_dir(tmp_path)
+    rows = ledger.read(sweep)
+    assert {r.metric for r in rows.values()} == {"tuned/test/loss,train/tokens_processed"}
+    points = {n: tuple(map(float, r.value.split(","))) for n, r in rows.items()}
+    assert len(points) == 3 and len({p[1] for p in points.values()}) == 3     # tokens grow with the steps
+    # by hand: a point is on the front unless another is at least as good on both and better on one
+    front = {n for n, p in points.items()
+             if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points.values())}
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["directions"] == ["minimize", "minimize"]
+    assert {t["number"] for t in result["best_trials"]} == front
+    report = build_report([sweep], out=tmp_path / "report")
+    text = report.markdown_path.read_text()
+    section = text[text.index("## Pareto front"):]
+    assert f"{len(front)} of the finished runs are not beaten" in section
+    assert {n for n in rows if f"`{(sweep / str(n)).resolve()}`" in section} == front
 
 
 # One generated token per test example, exact match only: predictions.jsonl lists the whole test split.

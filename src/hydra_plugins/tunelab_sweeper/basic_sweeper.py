@@ -13,8 +13,14 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
 class LedgerBasicSweeper(BasicSweeper):
     def setup(self, *, hydra_context, task_function, config) -> None:
-        from tunelab.study.launcher import wrap  # here: Hydra imports this module on every start
+        from tunelab.cli.common import die
+        from tunelab.errors import TunelabError
+        from tunelab.study.launcher import check_launcher, wrap  # here: Hydra imports this module on every start
 
+        try:
+            check_launcher(config)  # one line, before any sweep dir exists, when the launcher cannot start
+        except TunelabError as err:
+            die(str(err), err.exit_code)
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.launcher = wrap(self.launcher, config)
 
@@ -31,7 +37,8 @@ class LedgerBasicSweeper(BasicSweeper):
 
         try:
             returns = super().sweep(arguments)
-        except TunelabError as err:  # a changed grid: one line, exit 2, nothing launched
+        except TunelabError as err:  # a changed grid (nothing launched), a launcher that failed, a trial lost
+            print(summary(self.launcher), flush=True)
             die(str(err), err.exit_code)
         except BaseException:
             print(summary(self.launcher), flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from tunelab.errors import TunelabError
-from tunelab.report import markdown, plots
+from tunelab.report import markdown, pareto, plots
 from tunelab.report.compare import Comparison, choose_metrics, compare, runs_table, summarize
 from tunelab.report.runs import FINISHED, Run, load_runs  # noqa: F401  (Run: re-exported for callers)
 from tunelab.report.wandb_sync import wandb_hint
@@ -57,6 +57,7 @@ def build_report(dirs: list[str | Path], out: str | Path | None = None, metrics:
     drawn = {caption: path for caption, path in drawn.items() if path}
     text = markdown.render(comparison, table, summary, chosen, {c: p.name for c, p in drawn.items()},
                            title or f"Comparison of {len(runs)} runs", {curves: plots.curves_note(comparison)})
+    text += pareto.front_section(runs, comparison.labels)
     hint = wandb_hint(runs)
     if hint:
         text += f"\n## W&B\n\n{hint}\n"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from tunelab.errors import TunelabError
-from tunelab.report.runs import COLLAPSED, COLLAPSED_AT, DIVERGED, FAILED, FINISHED, INCOMPLETE, NOT_DONE, Run
+from tunelab.report.runs import COLLAPSED, COLLAPSED_AT, DIVERGED, FAILED, FINISHED, INCOMPLETE, NOT_DONE, PRUNED, Run
 
 # Values that name the run rather than configure it: never a reason to split or to warn.
 LABEL_KEYS = ("run_name", "tags", "study", "overwrite", "ckpt_path")
@@ -153,6 +153,9 @@ def status_warnings(runs: list[Run]) -> list[str]:
         elif run.status == COLLAPSED:
             warnings.append(f"collapsed: {run.name} at step {int(run.metrics[COLLAPSED_AT])} (all rewards equal or "
                             "completions below the length floor; see its train.log); left out of the means")
+        elif run.status == PRUNED:
+            why = (run.path / "PRUNED").read_text().strip()
+            warnings.append(f"pruned: {run.name} was stopped early by the search's pruner ({why}); left out of the means")
         elif run.status == INCOMPLETE:
             warnings.append(f"incomplete: {run.name} (no metrics.json: still running, killed, or crashed)")
         elif run.status in NOT_DONE:
@@ -186,7 +189,7 @@ def summarize(table: pd.DataFrame, metrics: list[str], groups: list[str]) -> pd.
         members = table[table.group == label]
         done = members[members.status == FINISHED]
         row = {"group": label, "runs": len(members), "finished": len(done),
-               "failed": int(members.status.isin([FAILED, DIVERGED, COLLAPSED]).sum()),
+               "failed": int(members.status.isin([FAILED, DIVERGED, COLLAPSED, PRUNED]).sum()),
                "incomplete": int(members.status.isin(NOT_DONE).sum())}
         for metric in metrics:
             values = done[metric].dropna()

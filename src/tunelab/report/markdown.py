@@ -35,14 +35,14 @@ def render(comparison: Comparison, runs: pd.DataFrame, summary: pd.DataFrame, me
     """notes: a line under a plot's caption (e.g. which curves no run logged), also when nothing was drawn."""
     parts = [f"# {title}", ""]
     finished = (runs.status == FINISHED).sum()
-    parts.append(f"{len(runs)} runs ({finished} finished, {len(runs) - finished} failed, diverged, collapsed or incomplete); "
+    parts.append(f"{len(runs)} runs ({finished} finished, {len(runs) - finished} failed, diverged, collapsed, pruned or incomplete); "
                  f"grouped by {', '.join(f'`{k}`' for k in comparison.group_keys) or 'nothing (one group)'}; "
                  f"averaged over {', '.join(f'`{k}`' for k in comparison.seed_keys)}.")
     parts += ["", comparison.split_line()]
     if comparison.warnings:
         parts += ["", "## Warnings", "", *(f"- {w}" for w in comparison.warnings)]
     parts += ["", "## Per group (mean ± sample std over finished runs)", "",
-              table(["group", "runs (ok/failed, diverged or collapsed/incomplete)", *metrics], group_rows(summary, metrics))]
+              table(["group", "runs (ok/failed, diverged, collapsed or pruned/incomplete)", *metrics], group_rows(summary, metrics))]
     parts += ["", "## Every run", "",
               table(["#", "group", "seed", "status", *metrics, "dir"],
                     [[str(i), r["group"], fmt(r["seed"]), r["status"].upper() if r["status"] != FINISHED else r["status"],

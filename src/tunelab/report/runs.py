@@ -16,11 +16,12 @@ FINISHED, FAILED, INCOMPLETE, DIVERGED = "finished", "failed", "incomplete", "di
 # Finished, but an on-policy run's policy collapsed (metrics.json: train/collapsed_at_step; methods/rl/collapse.py).
 COLLAPSED = "collapsed"
 COLLAPSED_AT = "train/collapsed_at_step"
+PRUNED = "pruned"   # stopped early by an Optuna pruner (PRUNED in its run dir; tunelab.study.pruning)
 # What a study ledger says of a trial with no result yet (tunelab.study.ledger): counted as incomplete.
 PENDING, RUNNING, INTERRUPTED = "pending", "running", "interrupted"
 NOT_DONE = (INCOMPLETE, PENDING, RUNNING, INTERRUPTED)
 # A folder is a run dir when it holds one of these (a run that died early may have only .hydra/).
-RUN_MARKERS = ("resolved_config.yaml", "metrics.json", "FAILED", ".hydra/config.yaml")
+RUN_MARKERS = ("resolved_config.yaml", "metrics.json", "FAILED", "PRUNED", ".hydra/config.yaml")
 
 
 @dataclass
@@ -94,6 +95,7 @@ def load_run(path: Path) -> Run:
         metrics = flatten_metrics(json.loads((path / "metrics.json").read_text()))
         status = DIVERGED if diverged(metrics, flatten(config).get("optimized_metric")) else \
             COLLAPSED if COLLAPSED_AT in metrics else FINISHED
+        status = PRUNED if (path / "PRUNED").is_file() else status
     else:
         status, metrics = (FAILED if (path / "FAILED").is_file() else INCOMPLETE), {}
     error = (path / "FAILED").read_text().strip() if (path / "FAILED").is_file() else None
@@ -101,9 +103,10 @@ def load_run(path: Path) -> Run:
                metrics=metrics, error=error)
 
 
-def diverged(metrics: dict, optimized_metric: str | None) -> bool:
-    """Finished, but the loss (or the metric a sweep optimized) is NaN or infinite."""
-    keys = [k for k in metrics if k.startswith("tuned/") and k.endswith("loss")] + [optimized_metric]
+def diverged(metrics: dict, optimized_metric) -> bool:
+    """Finished, but the loss (or a metric a sweep optimized) is NaN or infinite."""
+    optimized = optimized_metric if isinstance(optimized_metric, list) else [optimized_metric]
+    keys = [k for k in metrics if k.startswith("tuned/") and k.endswith("loss")] + optimized
     return any(k in metrics and not math.isfinite(float(metrics[k])) for k in keys if k)
 
 

@@ -9,6 +9,7 @@ whose overrides differ from the ledger's row of the same number stops the sweep 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import shutil
@@ -18,12 +19,13 @@ from typing import Callable, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
+from omegaconf import OmegaConf
 
 from tunelab.errors import TunelabError
 from tunelab.run import rundir
 from tunelab.run.resume import is_harmless
 from tunelab.study import ledger
-from tunelab.study.ledger import DONE, FAILED, PENDING, RUNNING, Row
+from tunelab.study.ledger import DONE, FAILED, PENDING, RUNNING, Row, metric_names
 
 log = logging.getLogger("tunelab")
 
@@ -61,11 +63,12 @@ def set_aside_checkpoints(run_dir: Path, attempt: int) -> None:
 
 
 def skipped_return(overrides: Sequence[str], row: Row) -> JobReturn:
-    """What the sweeper gets for a trial that is not launched: the recorded value (NaN when none)."""
+    """What the sweeper gets for a trial that is not launched: the recorded value(s) (NaN when none)."""
     try:
-        value = float(row.value)
+        values = [float(v) for v in row.value.split(",")]
     except ValueError:
-        value = math.nan
+        values = [math.nan]
+    value = values[0] if len(values) == 1 else values
     return JobReturn(overrides=list(overrides), working_dir=row.run_dir, task_name="tunelab",
                      status=JobStatus.COMPLETED, _return_value=value)
 
@@ -118,9 +121,26 @@ class LedgerLauncher(Launcher):
         returns = {n: skipped_return(jobs[n], rows[n]) for n, a in actions.items()
                    if a in ("skipped", "skipped failed", "running elsewhere")}
         for segment in segments([n for n in numbers if n not in returns]):
-            launched = self.launcher.launch([jobs[n] for n in segment], initial_job_idx=segment[0])
+            try:
+                launched = self.launcher.launch([jobs[n] for n in segment], initial_job_idx=segment[0])
+            except Exception as err:  # the launcher itself (a job's own failure comes back as a failed JobReturn)
+                self.unplan([n for n in segment if actions[n] == "started"])
+                raise TunelabError(f"the launcher could not run trials {segment[0]}-{segment[-1]}: "
+                                   f"{type(err).__name__}: {err}") from err
             returns |= dict(zip(segment, launched))
         return [returns[n] for n in numbers]
+
+    def unplan(self, numbers: list[int]) -> None:
+        """Trials written as pending that never started leave the ledger again (and an empty sweep dir goes): a
+        launcher that could not start leaves no trials waiting that `tunelab-report` would ask to re-run."""
+        with ledger.editing(self.sweep_dir) as rows:
+            for n in numbers:
+                if n in rows and rows[n].status == PENDING and not rows[n].attempts:
+                    del rows[n]
+                    self.counts["started"] -= 1
+            empty = not rows
+        if empty and not any(p.name.isdigit() for p in self.sweep_dir.iterdir()):
+            shutil.rmtree(self.sweep_dir, ignore_errors=True)
 
     def summary(self) -> str:
         said = [f"{self.counts['skipped']} skipped (finished)", f"{self.counts['resumed']} resumed",
@@ -150,4 +170,22 @@ def wrap(launcher: Launcher, config, numbering: Callable[[int], list[int]] | Non
     if not settings or not settings.enabled:
         return launcher
     return LedgerLauncher(launcher, config.hydra.sweep.dir, bool(settings.retry_failed),
-                          config.get("optimized_metric"), numbering)
+                          metric_names(config.get("optimized_metric")), numbering)
+
+
+# What each launcher needs on this machine, checked before a sweep dir exists: (target ends with, check, fix)
+NEEDS = {
+    "SlurmLauncher": (lambda: shutil.which("sbatch") is not None,
+                      "hydra/launcher=slurm needs SLURM, and there is no `sbatch` on PATH: run on the cluster's login "
+                      "node, or start a one-machine cluster with `bash scripts/setup_slurm.sh` (as root)"),
+    "RayLauncher": (lambda: importlib.util.find_spec("ray") is not None,
+                    "hydra/launcher=ray needs Ray: pip install 'tunelab[ray]' (or pip install 'ray>=2.40,<3')"),
+}
+
+
+def check_launcher(config) -> None:
+    """A launcher that cannot start is one line, before anything is written (no sweep dir, no pending trials)."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
+    for suffix, (available, fix) in NEEDS.items():
+        if target.endswith(suffix) and not available():
+            raise TunelabError(fix)

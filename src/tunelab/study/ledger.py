@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 FILE = "ledger.csv"
-PENDING, RUNNING, FINISHED, FAILED, DIVERGED, INTERRUPTED = (
-    "pending", "running", "finished", "failed", "diverged", "interrupted")
-DONE = (FINISHED, DIVERGED)           # never run again: their files are left as they are
+PENDING, RUNNING, FINISHED, FAILED, DIVERGED, INTERRUPTED, PRUNED = (
+    "pending", "running", "finished", "failed", "diverged", "interrupted", "pruned")
+DONE = (FINISHED, DIVERGED, PRUNED)   # never run again: their files are left as they are
 
 
 @dataclass
@@ -34,8 +34,8 @@ class Row:
     wandb_id: str = ""
     started: str = ""
     ended: str = ""
-    metric: str = ""                  # the optimized metric's name
-    value: str = ""                   # its value ("" until the trial ends, "nan" when failed or diverged)
+    metric: str = ""                  # the optimized metric's name (several: comma-separated)
+    value: str = ""                   # its value(s) ("" until the trial ends, "nan" when failed or diverged)
     attempts: int = 0
     host: str = ""
     pid: int = 0
@@ -62,6 +62,13 @@ class Row:
         except PermissionError:
             return True
         return True
+
+
+def metric_names(metric) -> str | None:
+    """optimized_metric as the ledger writes it: one name, or several joined by commas (several objectives)."""
+    if metric is None or isinstance(metric, str):
+        return metric
+    return ",".join(map(str, metric))
 
 
 def now() -> str:

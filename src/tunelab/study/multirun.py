@@ -127,16 +127,20 @@ def sweep_value(value) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-def optimized_value(metrics: dict, name: str | None, strict: bool) -> float | None:
-    """The value a sweeper optimizes. In a sweep, a name the run does not produce is a config mistake,
-    said plainly (a single run only warns: it returns to no one). Ranks > 0 return no metrics."""
+def optimized_value(metrics: dict, name, strict: bool) -> float | list[float] | None:
+    """The value a sweeper optimizes (a list of them when optimized_metric names several objectives). In a sweep,
+    a name the run does not produce is a config mistake, said plainly (a single run only warns: it returns to no
+    one). Ranks > 0 return no metrics."""
     if not name or not metrics:
         return None
-    if name not in metrics:
-        message = (f"optimized_metric={name} is not among the metrics this run returns "
+    names = [name] if isinstance(name, str) else [str(n) for n in name]
+    missing = [n for n in names if n not in metrics]
+    if missing:
+        message = (f"optimized_metric={missing[0]} is not among the metrics this run returns "
                    f"({', '.join(sorted(metrics))}); set optimized_metric to one of them")
         if strict:
             raise TunelabError(message)
         logging.getLogger("tunelab").warning(message)
         return None
-    return sweep_value(metrics[name])
+    values = [sweep_value(metrics[n]) for n in names]
+    return values[0] if isinstance(name, str) else values

@@ -1,7 +1,8 @@
 """A trial records itself in its study's ledger: running when it starts (with its process, so a re-run can
 tell a live trial from a killed one), then finished, diverged, failed or interrupted, with its value and
 W&B run id. A trial that was started before and left a checkpoint continues from it (`ckpt_path=auto`),
-which also continues its W&B run (the id kept in the run dir).
+which also continues its W&B run (the id kept in the run dir). A trial of an Optuna search with a pruner reports
+its validation metric to its Optuna trial (tunelab.study.pruning) and ends `pruned` when told to stop.
 
 Two ways into a ledger: a job of a Hydra multirun (the sweep dir's ledger, its job number), and a run
 started by `wandb agent` (WANDB_SWEEP_ID set: `ledger.wandb_sweeps_dir/<sweep id>`, a row per W&B run).
@@ -16,12 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.run import rundir
 from tunelab.run.interrupts import RunInterrupted
 from tunelab.study import ledger
-from tunelab.study.ledger import DIVERGED, FAILED, FINISHED, INTERRUPTED, RUNNING
+from tunelab.study.ledger import DIVERGED, FAILED, FINISHED, INTERRUPTED, PRUNED, RUNNING
+from tunelab.study.pruning import is_pruned
 
 
 @dataclass
@@ -77,10 +79,38 @@ def wandb_id(run_dir: Path) -> str:
     return path.read_text().strip() if path.is_file() else os.environ.get("WANDB_RUN_ID", "")
 
 
-def outcome(run_dir: Path, value: float | None) -> str:
+def values_of(value) -> list[float]:
+    """What a job returned, as a list (several objectives return one value each)."""
+    if value is None:
+        return []
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+
+
+def outcome(run_dir: Path, value) -> str:
     if not rundir.is_finished(run_dir):
         return FAILED   # a TunelabError ended it (the job returned NaN and left FAILED)
-    return DIVERGED if value is not None and not math.isfinite(value) else FINISHED
+    if is_pruned(run_dir):
+        return PRUNED
+    return DIVERGED if not all(map(math.isfinite, values_of(value))) else FINISHED
+
+
+def add_pruning(cfg: DictConfig, trial: Trial) -> None:
+    """A trial of an Optuna search with a pruner reports its validation metric to its Optuna trial."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from tunelab.study.multirun import is_multirun
+
+    sweeper = HydraConfig.get().sweeper if is_multirun() else None
+    if not sweeper or not sweeper.get("pruner") or not sweeper.get("storage"):
+        return
+    with open_dict(cfg):
+        if cfg.get("callbacks") is None:
+            cfg.callbacks = {}
+        cfg.callbacks.optuna_pruning = {"_target_": "tunelab.study.pruning.OptunaPruning",
+                                        "storage": str(sweeper.storage), "study_name": str(sweeper.study_name),
+                                        "trial": trial.number, "monitor": sweeper.get("prune_on") or "val/loss",
+                                        "pruner": OmegaConf.to_container(sweeper.pruner),  # built with the callback
+                                        "run_dir": str(cfg.paths.run_dir)}
 
 
 @contextmanager
@@ -93,10 +123,11 @@ def recorded_trial(cfg: DictConfig):
         return
     run_dir = Path(cfg.paths.run_dir)
     continue_from_checkpoint(cfg, run_dir)
+    add_pruning(cfg, trial)
     row = ledger.read(trial.sweep_dir).get(trial.number)
     ledger.update(trial.sweep_dir, trial.number, status=RUNNING, overrides=task_overrides(), run_dir=str(run_dir),
                   started=row.started if row and row.started else ledger.now(), ended="", value="",
-                  metric=cfg.get("optimized_metric") or "", attempts=(row.attempts if row else 0) + 1,
+                  metric=ledger.metric_names(cfg.get("optimized_metric")) or "", attempts=(row.attempts if row else 0) + 1,
                   host=socket.gethostname(), pid=os.getpid(), wandb_id=os.environ.get("WANDB_RUN_ID", ""))
     status = FAILED
     try:
@@ -106,6 +137,6 @@ def recorded_trial(cfg: DictConfig):
         status = INTERRUPTED
         raise
     finally:
-        value = "" if status == INTERRUPTED or trial.value is None else repr(float(trial.value))
+        value = "" if status == INTERRUPTED else ",".join(map(repr, values_of(trial.value)))
         ledger.update(trial.sweep_dir, trial.number, status=status, ended=ledger.now(), value=value,
                       wandb_id=wandb_id(run_dir))
