@@ -19,4 +19,4 @@ def test_a_sweep_on_a_ray_cluster_runs_each_trial_as_a_ray_task_into_one_ledger(
     assert "0 skipped (finished), 0 resumed, 0 retried, 2 started" in result.stdout
     rows = ledger.read(sweep)
     assert len({r.pid for r in rows.values()} | {os.getpid()}) == 3          # Ray's workers, not the sweep process
-    assert f"Connected to Ray cluster" in result.stdout + result.stderr
+    assert "Connected to Ray cluster" in result.stdout + result.stderr

@@ -11,7 +11,6 @@ of `fit` instead, which here would lose the evaluation and end the run as failed
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from pytorch_lightning import Callback
