@@ -105,6 +105,14 @@ def command_overrides(argv: list[str]) -> list[str]:
     return overrides
 
 
+def named_run_dir(argv: list[str]) -> str | None:
+    """The run dir a single run was given on the command line (`hydra.run.dir=`); a multirun's jobs lock their own."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return None
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    return chosen[-1] if chosen else None
+
+
 def preflight(argv: list[str], config_name: str) -> None:
     """Compose the config once before Hydra runs and check its values, so a bad override is one line and
     exit 2 within seconds, before Hydra creates a run dir or anything slow starts."""
