@@ -118,7 +118,7 @@ def preflight(argv: list[str], config_name: str) -> None:
     exit 2 within seconds, before Hydra creates a run dir or anything slow starts."""
     if any(flag in argv for flag in PASS_THROUGH_FLAGS):
         return
-    from tunelab.config import checks
+    from tunelab.config import checks, requirements
     from tunelab.models import hub
 
     overrides = command_overrides(argv)
@@ -128,6 +128,8 @@ def preflight(argv: list[str], config_name: str) -> None:
         cfg = compose_checked(config_name, concrete)
         checks.check_config(cfg)
         check_machine(cfg)
+        requirements.check_optional(cfg)  # mlflow, bitsandbytes, lm-eval, a launcher's plugin or SLURM: installed?
+        requirements.check_targets(cfg)  # every `_target_` resolves (a misspelt reward class, metric, ...)
         hub.check_hub_names(cfg)  # before anything else may import datasets with its online settings
         check_harness_tasks(cfg)
         check_data_file(cfg)
@@ -152,10 +154,13 @@ def compose_config(config_name: str, overrides: list[str]):
 def compose_checked(config_name: str, overrides: list[str]):
     """The composed config, or Hydra's error in one line; for a key a `_target_` does not take, the
     target's real options instead of Hydra's advice to add it with `+` (which fails later)."""
+    from tunelab.config.requirements import missing_plugin
+
     try:
         return compose_config(config_name, overrides)
     except Exception as err:
-        raise not_overridable(err, config_name, overrides) or TunelabError(one_line(err)) from None
+        raise (not_overridable(err, config_name, overrides) or missing_plugin(err)
+               or TunelabError(one_line(err))) from None
 
 
 def override_key(override: str) -> str:
