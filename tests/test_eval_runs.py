@@ -288,3 +288,23 @@ def test_an_eval_group_chosen_on_the_command_line_replaces_the_runs_own_evaluato
     text = run_evaluate(tmp_path / "text", f"target={run}", "eval=default", "eval.metrics.semantic_similarity=null",
                         "eval.metrics.error_analysis=null")
     assert "test/rougeL" in text["tuned"] and "test/accuracy" not in text["tuned"]
+
+
+@pytest.mark.parametrize("method", ["reward", "contrastive"])
+def test_chat_refuses_a_run_whose_model_writes_no_text_in_one_line(tmp_path, method, capsys):
+    """A reward model scores text and an embedding model embeds it: chat says so, and which runs it talks to."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import make_cfg
+    from tunelab.cli import chat
+
+    OmegaConf.save(make_cfg(tmp_path, f"method={method}"), tmp_path / "resolved_config.yaml", resolve=True)
+    (tmp_path / "final").mkdir()  # what the run exported; never loaded
+    (tmp_path / "final" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as refused:
+        chat.main([str(tmp_path)], stdin=io.StringIO("Hello\n"), stdout=io.StringIO())
+    assert refused.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"is a method={method} run" in line and "writes none" in line
+    talks_to = line.split("talks to runs of ")[1]
+    assert "sft" in talks_to and "grpo" in talks_to and "reward" not in talks_to and "contrastive" not in talks_to
