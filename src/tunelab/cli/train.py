@@ -51,6 +51,7 @@ def run_job(cfg: DictConfig) -> float | None:
             return float("nan")
         die(str(err), err.exit_code)
     except RunInterrupted as err:
+        err.message = rundir.with_resume_hint(err.message, Path(cfg.paths.run_dir))  # e.g. killed while evaluating
         rundir.mark_failed(Path(cfg.paths.run_dir), err.message)
         print(err.message, file=sys.stderr)
         raise
