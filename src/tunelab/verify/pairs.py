@@ -43,7 +43,7 @@ class Context:
     overrides: list[str]
     settings: DictConfig
     work_dir: Path
-    manual: str | None = None  # manual_optimization(), once known
+    traits: dict | None = None  # module_traits(), once known
 
     def overrides_for(self, *extra: str, steps: int | None = None, single_process: bool = True) -> list[str]:
         """The user's overrides with the pair's own on top (a later value of a key replaces an earlier one)."""
@@ -65,14 +65,20 @@ class Context:
         run_dir.mkdir(parents=True, exist_ok=True)
         return compose_train_cfg(overrides, run_dir), run_dir
 
-    def manual_optimization(self) -> str | None:
-        """The method's name when its module steps the optimizer itself (PPO, GRPO, RLOO: Lightning's manual
-        optimization, where Lightning accumulates nothing); None for the others. Built once, as training builds it."""
-        if self.manual is None:
+    def module_traits(self) -> dict:
+        """What the method's module says of itself, built once as training builds it: `manual` (its name when it
+        steps the optimizer itself: PPO, GRPO, RLOO under Lightning's manual optimization, where Lightning
+        accumulates nothing) and `accumulation_differs` (why batch B x k is another objective than B*k, if it is)."""
+        if self.traits is None:
             cfg, _ = self.cfg(self.overrides_for(), "probe")
             module, _ = build_parts(cfg)
-            self.manual = "" if module.automatic_optimization else str(cfg.method.get("name") or "this method")
-        return self.manual or None
+            name = str(cfg.method.get("name") or "this method")
+            self.traits = {"name": name, "manual": None if module.automatic_optimization else name,
+                           "accumulation_differs": getattr(module, "accumulation_differs", None)}
+        return self.traits
+
+    def manual_optimization(self) -> str | None:
+        return self.module_traits()["manual"]
 
 
 def override_key(override: str) -> str:
@@ -113,10 +119,12 @@ def accumulation(ctx: Context) -> PairResult:
     """Batch B with accumulation k against batch B*k, same examples per step (length grouping off)."""
     batch, k = int(ctx.settings.batch_size), int(ctx.settings.accumulate)
     name = f"batch {batch} x accum {k} vs batch {batch * k}"
-    manual = ctx.manual_optimization()
-    if manual:
-        return PairResult(name, SKIP, note=f"method={manual} steps its optimizer itself (manual optimization), so "
-                                           "trainer.accumulate_grad_batches does not apply to it")
+    traits = ctx.module_traits()
+    if traits["manual"]:
+        return PairResult(name, SKIP, note=f"method={traits['manual']} steps its optimizer itself (manual optimization), "
+                                           "so trainer.accumulate_grad_batches does not apply to it")
+    if traits["accumulation_differs"]:
+        return PairResult(name, SKIP, note=f"method={traits['name']}: {traits['accumulation_differs']}")
     common = ["data.group_by_length=false"]  # grouping sorts within megabatches sized by the batch, so orders differ
     a = short_fit(*ctx.cfg(ctx.overrides_for(*common, f"data.batch_size={batch}",
                                              f"trainer.accumulate_grad_batches={k}"), "accumulation_a"))
