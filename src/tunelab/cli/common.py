@@ -129,11 +129,11 @@ def preflight(argv: list[str], config_name: str) -> None:
         checks.check_config(cfg)
         check_machine(cfg)
         requirements.check_optional(cfg)  # mlflow, bitsandbytes, lm-eval, a launcher's plugin or SLURM: installed?
-        requirements.check_targets(cfg)  # every `_target_` resolves (a misspelt reward class, metric, ...)
         hub.check_hub_names(cfg)  # before anything else may import datasets with its online settings
         check_harness_tasks(cfg)
         check_data_file(cfg)
         check_override_keys(cfg, concrete)
+        requirements.check_targets(cfg)  # last: it imports every target's module (seconds); the checks above do not
     except TunelabError:
         raise
     except Exception as err:
