@@ -137,5 +137,5 @@ def check_targets(cfg: DictConfig) -> None:
             continue  # Hydra's own plugins are checked by Hydra; optional ones by check_optional
         why = locate(target)[1]
         if why:
-            raise TunelabError(f"{path}._target_={target} does not resolve ({why}); check the module path and "
+            raise TunelabError(f"{path}._target_ {target!r} does not resolve ({why}); check the module path and "
                                "the name, e.g. tunelab.methods.rewards.NumericAnswerReward")
