@@ -110,7 +110,7 @@ def check_optional(cfg: DictConfig) -> None:
             continue
         missing = [why for why in map(importable, needs.modules) if why]
         if len(missing) == len(needs.modules):
-            raise TunelabError(f"{needs.choice} ({path}: {target}) needs {' or '.join(needs.modules)}, which is not "
+            raise TunelabError(f"{needs.choice} needs {' or '.join(needs.modules)} ({path}: {target}), which is not "
                                f"installed here ({missing[0]}): {needs.install}")
         problem = needs.ready() if needs.ready else None
         if problem:
