@@ -224,3 +224,34 @@ def test_every_kind_of_example_is_fingerprinted_and_cached(tmp_path, monkeypatch
     assert again.fingerprints == first.fingerprints
     assert again.datasets["train"].rows == first.datasets["train"].rows
     assert built(max_length=64).fingerprints["cache_key"] != first.fingerprints["cache_key"]
+
+
+@pytest.mark.parametrize("method, data, fragment", [
+    ("dpo", "custom", "preference record at {path}:8 has identical chosen and rejected responses"),
+    ("kto", "custom", "preference record at {path}:8 has identical chosen and rejected responses"),
+    ("contrastive", "custom", "pair record at {path}:8 has an empty positive text"),
+])
+def test_a_bad_record_is_named_by_its_file_line_after_the_split_shuffles_it(tmp_path, tokenizer, method, data, fragment):
+    """The split shuffles records (line 8 is record 31-ish after it): the error names the line a user can open."""
+    from tests.helpers import make_cfg
+    from tunelab.run.assemble import build_datamodule
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"Wrong {i}."} for i in range(40)]
+    rows[7]["rejected" if method != "contrastive" else "chosen"] = "Answer 7." if method != "contrastive" else " "
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = make_cfg(tmp_path, f"method={method}", f"data={data}", f"data.source={path}", "data.cache=false",
+                   "data.val_size=0.25", "data.test_size=0.25")
+    with pytest.raises(TunelabError) as raised:
+        build_datamodule(cfg, tokenizer).setup("fit")
+    assert fragment.format(path=path) in str(raised.value), raised.value
+
+
+def test_records_of_every_file_kind_carry_where_they_came_from(tmp_path):
+    rows = [{"text": "a"}, {"text": "b"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    assert load_splits(str(tmp_path / "d.jsonl"))["train"][1].where == f"{tmp_path / 'd.jsonl'}:2"
+    assert load_splits(str(tmp_path / "d.json"))["train"][1].where == f"{tmp_path / 'd.json'}, record 2"
+    assert load_splits(str(tmp_path / "d.csv"))["train"][1].where == f"{tmp_path / 'd.csv'}, row 2"
+    assert json.loads(json.dumps(load_splits(str(tmp_path / "d.csv"))["train"])) == rows  # still plain records

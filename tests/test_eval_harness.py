@@ -84,27 +84,33 @@ def test_multiple_choice_gives_one_for_a_model_that_knows_and_chance_for_a_unifo
     assert not cache.exists()  # cache=false writes nothing
 
 
-def test_scores_are_cached_per_model_and_a_fresh_lora_counts_as_its_base(tokenizer, cache, monkeypatch):
+@pytest.mark.parametrize("speedup, auto_is", [(0.5, "32-true"), (4.0, "bf16-mixed")], ids=["auto-fp32", "auto-bf16"])
+def test_scores_are_cached_per_model_and_a_fresh_lora_counts_as_its_base(tokenizer, cache, monkeypatch, cpu_bf16,
+                                                                          speedup, auto_is):
     import lm_eval
     from peft import LoraConfig, get_peft_model
 
     from tunelab.models import build_tiny_llama
 
+    assert cpu_bf16(speedup) == auto_is  # both branches of `auto`, whatever this CPU is
     calls = []
     real = lm_eval.simple_evaluate
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: calls.append(k["tasks"]) or real(*a, **k))
     harness = Harness(tasks=[MC], limit=4)
     base, _ = build_tiny_llama()
-    first = harness(base, tokenizer, "32-true")
+    first = harness(base, tokenizer, auto_is)
     # A freshly attached LoRA (B = 0) computes the base model: a study's base scores, whatever the seed.
     torch.manual_seed(7)
     lora = get_peft_model(build_tiny_llama()[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert harness(lora, tokenizer, "auto") == first  # auto resolves to fp32 here, as 32-true does
+    assert harness(lora, tokenizer, "auto") == first  # `auto` is cached as the precision it resolves to
     assert calls == [[MC]] and len(list(cache.glob("*.json"))) == 1
     with torch.no_grad():  # a trained adapter is another model
         next(p for n, p in lora.named_parameters() if "lora_B" in n).add_(0.5)
-    harness(lora, tokenizer, "32-true")
+    harness(lora, tokenizer, auto_is)
     assert len(calls) == 2 and len(list(cache.glob("*.json"))) == 2
+    other = "32-true" if auto_is == "bf16-mixed" else "bf16-mixed"
+    harness(base, tokenizer, other)  # another compute precision is another entry
+    assert len(calls) == 3 and len(list(cache.glob("*.json"))) == 3
 
 
 def test_an_unknown_task_name_is_one_line_with_the_local_tasks():

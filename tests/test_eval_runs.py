@@ -100,6 +100,13 @@ def test_evaluate_on_a_run_dir_gives_the_same_report_as_training(run_dir, tmp_pa
     assert metrics["tuned"]["test/loss"] == pytest.approx(trained["tuned"]["test/loss"], rel=1e-2)
     assert (tmp_path / "report.md").is_file() and len(read_jsonl(tmp_path / "predictions.jsonl")) == 4
     assert json.loads((tmp_path / "metrics.json").read_text())["target"] == str(run_dir)
+    # tunelab-report compares training runs: an evaluation's output dir beside them is skipped with a line, not
+    # grouped as a run keyed `target=...`
+    from tunelab.report import load_runs
+
+    assert [run.path for run in load_runs([run_dir, tmp_path])] == [run_dir.resolve()]
+    with pytest.raises(TunelabError, match="1 tunelab-evaluate output dirs skipped"):
+        load_runs([tmp_path])
 
 
 
@@ -185,6 +192,12 @@ def test_blind_review_sheet_round_trip(run_dir, tmp_path, capsys):
     with (tmp_path / "review_sheet.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and "base" not in ",".join(rows[0]) and "tuned" not in ",".join(rows[0])
+    # scored before anyone filled it in: one line saying so, no NaN
+    with pytest.raises(SystemExit) as refused:
+        review.main(["score", str(tmp_path / "review_sheet.csv")])
+    assert refused.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no row is judged yet (4 of 4 blank)" in line and "nan" not in line.lower()
     # reviewer: prefers tuned twice, base once, one tie
     answers = []
     for i, row in enumerate(rows):
@@ -200,6 +213,13 @@ def test_blind_review_sheet_round_trip(run_dir, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert (result["wins"], result["losses"], result["ties"]) == (2, 1, 1)
     assert result["win_rate"] == pytest.approx((2 + 0.5) / 4)
+    rows[3]["preference"] = ""  # one row left unjudged: the sentence counts it
+    with (tmp_path / "review_sheet.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    review.main(["score", str(tmp_path / "review_sheet.csv")])
+    assert "win rate 66.7% over 3 judged (2 wins, 1 losses, 0 ties; 1 unjudged: 1 blank" in capsys.readouterr().out
 
 
 def test_chat_through_stdin_with_reset_and_quit(run_dir):
@@ -268,3 +288,23 @@ def test_an_eval_group_chosen_on_the_command_line_replaces_the_runs_own_evaluato
     text = run_evaluate(tmp_path / "text", f"target={run}", "eval=default", "eval.metrics.semantic_similarity=null",
                         "eval.metrics.error_analysis=null")
     assert "test/rougeL" in text["tuned"] and "test/accuracy" not in text["tuned"]
+
+
+@pytest.mark.parametrize("method", ["reward", "contrastive"])
+def test_chat_refuses_a_run_whose_model_writes_no_text_in_one_line(tmp_path, method, capsys):
+    """A reward model scores text and an embedding model embeds it: chat says so, and which runs it talks to."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import make_cfg
+    from tunelab.cli import chat
+
+    OmegaConf.save(make_cfg(tmp_path, f"method={method}"), tmp_path / "resolved_config.yaml", resolve=True)
+    (tmp_path / "final").mkdir()  # what the run exported; never loaded
+    (tmp_path / "final" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as refused:
+        chat.main([str(tmp_path)], stdin=io.StringIO("Hello\n"), stdout=io.StringIO())
+    assert refused.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"is a method={method} run" in line and "writes none" in line
+    talks_to = line.split("talks to runs of ")[1]
+    assert "sft" in talks_to and "grpo" in talks_to and "reward" not in talks_to and "contrastive" not in talks_to

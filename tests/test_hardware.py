@@ -18,6 +18,7 @@ from tunelab.platform import hardware
 def machine(monkeypatch):
     """Fake the capability queries; each test says what the machine has."""
     hardware.auto_precision.cache_clear()
+    monkeypatch.delenv(hardware.SPEEDUP_ENV, raising=False)  # the suite's pin off: these tests fake the probe itself
 
     def set_machine(cuda=False, cuda_bf16=True, cpu_bf16=False, speedup=1.0, mps=False):
         monkeypatch.setattr(hardware, "cuda_visible", lambda: cuda)
@@ -93,7 +94,9 @@ def test_evaluation_autocast_follows_the_same_resolution(machine):
     assert hardware.autocast_dtype("16-mixed", cpu) is None  # fp16 autocast is for CUDA only
 
 
-def test_measured_speedup_is_cached_per_machine(tmp_path, monkeypatch):
+def test_measured_speedup_is_cached_per_machine(tmp_path, monkeypatch, machine):
+    machine(cpu_bf16=True)
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", REAL_SPEEDUP)  # the real probe, with the matmul timing faked
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
     calls = []
 
@@ -107,6 +110,46 @@ def test_measured_speedup_is_cached_per_machine(tmp_path, monkeypatch):
     assert len(calls) == 2  # measured once: fp32 and bf16
     cached = json.loads((tmp_path / "cpu_bf16_speedup.json").read_text())
     assert list(cached.values()) == [4.0] and torch.__version__ in next(iter(cached))
+    # Another CPU kind with the same name (cloud CPUs often share one) is another entry, never this one's figure.
+    monkeypatch.setattr(hardware, "cpu_bf16_instructions", lambda: False)
+    assert hardware.cpu_bf16_speedup() == 4.0 and len(calls) == 4
+    assert len(json.loads((tmp_path / "cpu_bf16_speedup.json").read_text())) == 2
+
+
+REAL_SPEEDUP = hardware.cpu_bf16_speedup
+
+
+@pytest.mark.parametrize("speedup, expected", [(4.0, "bf16-mixed"), (0.5, "32-true"), (0.017, "32-true")])
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_a_pinned_probe_decides_auto_on_any_cpu_without_measuring(machine, monkeypatch, tmp_path, native_bf16,
+                                                                   speedup, expected):
+    """TUNELAB_CPU_BF16_SPEEDUP (what the suite pins): both branches on every machine, nothing timed or cached."""
+    machine(cpu_bf16=native_bf16)
+    monkeypatch.setattr(hardware, "matmul_seconds", lambda *a, **k: pytest.fail("the pinned probe must not time"))
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    monkeypatch.setenv(hardware.SPEEDUP_ENV, str(speedup))
+    choice = hardware.resolve_precision("auto", "cpu")
+    assert choice.value == expected and hardware.SPEEDUP_ENV in choice.reason
+    assert not (tmp_path / "cpu_bf16_speedup.json").exists()
+
+
+@pytest.mark.parametrize("value", ["fast", "0", "-1"])
+def test_a_bad_pinned_probe_is_one_line(machine, monkeypatch, value):
+    from tunelab.errors import TunelabError
+
+    monkeypatch.setenv(hardware.SPEEDUP_ENV, value)
+    with pytest.raises(TunelabError, match=hardware.SPEEDUP_ENV) as err:
+        hardware.resolve_precision("auto", "cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_the_suite_runs_with_auto_pinned_whatever_this_cpu_is():
+    """tests/conftest.py: no test reads this machine's probe (or a cached one from another machine)."""
+    import os
+
+    assert os.environ[hardware.SPEEDUP_ENV] and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert hardware.resolve_accelerator("auto") == "cpu"
+    assert "not measured" in hardware.auto_precision("cpu").reason
 
 
 def test_the_default_config_is_auto_and_a_run_records_the_concrete_values(tmp_path, machine):

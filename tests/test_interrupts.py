@@ -84,3 +84,16 @@ def test_ckpt_path_auto_takes_the_newest_checkpoint_also_a_slurm_requeue_one(tmp
     os.utime(hpc, ns=(last.stat().st_mtime_ns + 10**9,) * 2)
     assert rundir.latest_checkpoint(tmp_path) == hpc
     assert rundir.resolve_ckpt_path("auto", tmp_path) == str(hpc)
+
+
+def test_an_interruption_outside_training_says_how_to_go_on(tmp_path):
+    """SIGTERM while the final evaluation runs: the end of training is checkpointed, so the message says resume."""
+    from tunelab.run.rundir import with_resume_hint
+
+    message = "interrupted by SIGTERM outside training"
+    assert with_resume_hint(message, tmp_path).endswith("no checkpoint yet: start the run again")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    hinted = with_resume_hint(message, tmp_path)
+    assert hinted.startswith(message) and f"tunelab-train hydra.run.dir={tmp_path} ckpt_path=auto" in hinted
+    assert with_resume_hint(hinted, tmp_path) == hinted  # a message that says it already is kept

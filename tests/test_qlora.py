@@ -21,19 +21,22 @@ bnb = pytest.importorskip("bitsandbytes", reason="adapter=qlora needs bitsandbyt
 FOUR_BIT_LAYERS = 2 * 7
 
 
-def test_qlora_base_is_4bit_and_only_lora_trains(tmp_path):
+@pytest.mark.parametrize("speedup, auto_is, computes", [(0.5, "32-true", torch.float32), (4.0, "bf16-mixed", torch.bfloat16)],
+                         ids=["auto-fp32", "auto-bf16"])
+def test_qlora_base_is_4bit_and_only_lora_trains(tmp_path, cpu_bf16, speedup, auto_is, computes):
     from tunelab.run.assemble import assemble, finalize
 
+    cpu_bf16(speedup)  # both branches of `auto`, whatever this CPU is
     cfg = finalize(make_cfg(tmp_path, "adapter=qlora", "adapter.r=4", "adapter.target_modules=[q_proj,v_proj]"))
-    assert cfg.trainer.precision == "32-true"  # CPU: auto -> fp32, so the 4-bit layers compute in fp32
+    assert cfg.trainer.precision == auto_is  # the 4-bit layers compute at the precision training runs at
     model = assemble(cfg).module.model
     layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert len(layers) == FOUR_BIT_LAYERS
     for layer in layers.values():
         assert layer.weight.__class__.__name__ == "Params4bit" and layer.weight.dtype == torch.uint8
         assert layer.weight.quant_type == "nf4" and layer.weight.quant_state.nested  # double quant
-        assert layer.compute_dtype == torch.float32
-        assert not layer.support_avx512bf16_for_cpu  # eval computes as training does (fp32), not bf16
+        assert layer.compute_dtype == computes
+        assert not layer.support_avx512bf16_for_cpu  # eval computes as training does, not in bnb's own bf16 path
     inner = model.get_base_model()
     assert type(inner.lm_head) is torch.nn.Linear and inner.lm_head.weight.dtype == torch.float32
     assert inner.model.embed_tokens.weight.dtype == torch.float32

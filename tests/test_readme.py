@@ -27,7 +27,8 @@ PROGRAMS = ("tunelab-train", "tunelab-evaluate", "tunelab-verify", "tunelab-data
             "tunelab-chat", "tunelab-review", "make")
 CANNOT_RUN_HERE = re.compile(r"#.*needs (a network|a GPU|deepspeed|mlflow|SLURM|vLLM)")
 # What pre-flight says when a line needs what this machine lacks.
-REFUSED_FOR = {"a network": "hub is unreachable", "a GPU": "GPU", "deepspeed": "pip install deepspeed"}
+REFUSED_FOR = {"a network": "hub is unreachable", "a GPU": "GPU", "deepspeed": "pip install deepspeed",
+               "mlflow": "pip install mlflow", "SLURM": "hydra/launcher=slurm"}
 CONFIG_OF = {"tunelab-train": "train", "tunelab-evaluate": "evaluate", "tunelab-verify": "train",
              "tunelab-data": "train"}
 
@@ -128,3 +129,52 @@ def test_train_example_runs_on_the_tiny_model(line, env, tmp_path):
     result = subprocess.run(["bash", "-c", stub + line], capture_output=True, text=True, timeout=900,
                             env={**env, "PYTHONPATH": pythonpath}, cwd=env["WORK"])
     assert result.returncode == 0, f"{line}\n{result.stderr[-3000:]}"
+
+
+def conf_examples() -> list[tuple[str, str]]:
+    """(file, line) of every `tunelab-train ...` example in the comments of conf/**/*.yaml; a `for` loop spread
+    over several comment lines is one example."""
+    from tunelab.paths import CONF_DIR
+
+    examples = []
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        loop = ""
+        for line in path.read_text().splitlines():
+            text = line.strip().removeprefix("#").strip() if line.strip().startswith("#") else None
+            if text is None:
+                loop = ""
+                continue
+            if loop or text.startswith("for "):
+                loop = f"{loop} {text}".strip()
+                if re.search(r"\bdone\b", text):
+                    examples.append((str(path.relative_to(CONF_DIR)), loop))
+                    loop = ""
+            elif text.startswith("tunelab-train "):
+                examples.append((str(path.relative_to(CONF_DIR)), text))
+    return examples
+
+
+CONF_EXAMPLES = conf_examples()
+
+
+def test_the_config_comments_have_examples_to_check():
+    assert len(CONF_EXAMPLES) > 50 and any(line.startswith("for ") for _, line in CONF_EXAMPLES)
+
+
+@pytest.mark.parametrize("where, line", CONF_EXAMPLES, ids=[f"{w}: {line[:60]}" for w, line in CONF_EXAMPLES])
+def test_config_comment_example_is_valid_bash_and_composes(where, line, env):
+    """What a config's comment shows composes as written (compose only: no data file or machine check)."""
+    from tunelab.cli.common import check_override_keys, command_overrides, compose_checked, first_of_sweeps
+
+    calls = bash_calls(line, env)
+    assert calls and all(program == "tunelab-train" for program, *_ in calls), f"{where}: {line}"
+    assert calls == bash_calls(line, env, brace_expansion=False), f"{where}: bash brace-expands part of: {line}; quote it"
+    for _, *args in calls:
+        concrete = first_of_sweeps(command_overrides(args))
+        try:
+            cfg = compose_checked("train", concrete)
+            check_override_keys(cfg, concrete)
+        except TunelabError as err:
+            if "needs the Hydra plugin" in str(err):
+                pytest.skip(f"this machine lacks the plugin the example needs: {err}")
+            pytest.fail(f"{where}: {line}\n -> {err}")

@@ -34,3 +34,15 @@ def test_cli_prints_marked_examples_and_refuses_an_unknown_split(capsys):
         main(["inspect", "model=tiny_llama", "--split", "nope"])
     assert exit_info.value.code == 2
     assert "split 'nope'" in capsys.readouterr().err
+
+
+def test_a_preference_pair_shows_both_sequences_each_with_its_response_marked(capsys):
+    main(["inspect", "model=tiny_llama", "method=dpo", "data.max_length=96", "--n", "1", "--plain"])
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("--- example")]
+    assert [h.split(":")[0] for h in headers] == ["--- example 0", "--- example 0"]
+    assert ": chosen:" in headers[0] and ": rejected:" in headers[1], headers
+    chosen, rejected = out.split(headers[1])
+    assert OPEN in chosen and OPEN in rejected
+    marked = [part.split(CLOSE)[0] for part in (chosen, rejected)]
+    assert marked[0] != marked[1]  # two different responses, each marked as the target of its sequence

@@ -97,6 +97,33 @@ def configure_engine(args: argparse.Namespace):
     return configure(settings)
 
 
+def methods_by_output() -> dict[bool, list[str]]:
+    """{True: methods whose runs write text, False: those whose final/ scores or embeds it} (conf/method/*.yaml's
+    `generates`, default true), so a new method is listed without touching this file."""
+    from omegaconf import OmegaConf
+
+    from tunelab.paths import CONF_DIR
+
+    found = {True: [], False: []}
+    for path in sorted((CONF_DIR / "method").glob("*.yaml")):
+        method = OmegaConf.load(path).get("method") or {}
+        found[bool(method.get("generates", True))].append(str(method.get("name", path.stem)))
+    return found
+
+
+def refuse_non_generating(target: str, run_config) -> None:
+    method = run_config.get("method") if run_config is not None else None
+    if method is None:
+        return
+    name = str(method.get("name", "?"))
+    by_output = methods_by_output()
+    if method.get("generates", True) and name not in by_output[False]:
+        return
+    raise TunelabError(f"{target} is a method={name} run: its model scores or embeds text and writes none, so there is "
+                       f"nothing to chat with; tunelab-chat talks to runs of {', '.join(by_output[True])} "
+                       "(or any causal LM folder)")
+
+
 def load_session(args: argparse.Namespace) -> Session:
     from tunelab.eval.targets import chat_template_of, resolve_target
     from tunelab.models.loading import load_pretrained
@@ -104,6 +131,7 @@ def load_session(args: argparse.Namespace) -> Session:
     configure_engine(args)
 
     target = resolve_target(args.target)
+    refuse_non_generating(args.target, target.run_config)  # before loading: a reward or embedding model writes nothing
     model, tokenizer = load_pretrained(target.model_path)
     from tunelab.run.provenance import gate_target  # the fidelity gate: the run's own tokenizer and template
 

@@ -105,12 +105,20 @@ def command_overrides(argv: list[str]) -> list[str]:
     return overrides
 
 
+def named_run_dir(argv: list[str]) -> str | None:
+    """The run dir a single run was given on the command line (`hydra.run.dir=`); a multirun's jobs lock their own."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return None
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    return chosen[-1] if chosen else None
+
+
 def preflight(argv: list[str], config_name: str) -> None:
     """Compose the config once before Hydra runs and check its values, so a bad override is one line and
     exit 2 within seconds, before Hydra creates a run dir or anything slow starts."""
     if any(flag in argv for flag in PASS_THROUGH_FLAGS):
         return
-    from tunelab.config import checks
+    from tunelab.config import checks, requirements
     from tunelab.models import hub
 
     overrides = command_overrides(argv)
@@ -120,10 +128,12 @@ def preflight(argv: list[str], config_name: str) -> None:
         cfg = compose_checked(config_name, concrete)
         checks.check_config(cfg)
         check_machine(cfg)
+        requirements.check_optional(cfg)  # mlflow, bitsandbytes, lm-eval, a launcher's plugin or SLURM: installed?
         hub.check_hub_names(cfg)  # before anything else may import datasets with its online settings
         check_harness_tasks(cfg)
         check_data_file(cfg)
         check_override_keys(cfg, concrete)
+        requirements.check_targets(cfg)  # last: it imports every target's module (seconds); the checks above do not
     except TunelabError:
         raise
     except Exception as err:
@@ -144,10 +154,13 @@ def compose_config(config_name: str, overrides: list[str]):
 def compose_checked(config_name: str, overrides: list[str]):
     """The composed config, or Hydra's error in one line; for a key a `_target_` does not take, the
     target's real options instead of Hydra's advice to add it with `+` (which fails later)."""
+    from tunelab.config.requirements import missing_plugin
+
     try:
         return compose_config(config_name, overrides)
     except Exception as err:
-        raise not_overridable(err, config_name, overrides) or TunelabError(one_line(err)) from None
+        raise (not_overridable(err, config_name, overrides) or missing_plugin(err)
+               or TunelabError(one_line(err))) from None
 
 
 def override_key(override: str) -> str:

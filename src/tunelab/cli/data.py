@@ -17,18 +17,38 @@ from tunelab.errors import TunelabError
 OPEN, CLOSE = "⟦", "⟧"
 
 
+def sequences(row: dict) -> list[tuple[str, list[int], list[int] | None]]:
+    """(name, input ids, labels or None) of every sequence a row holds: the chosen and the rejected one of a
+    preference pair, anchor/positive/negative of a contrastive pair, else the row's one sequence ('')."""
+    names = [key.removesuffix("_input_ids") for key in row if key.endswith("_input_ids")]
+    if not names:
+        return [("", row["input_ids"], row.get("labels"))]
+    return [(name, row[f"{name}_input_ids"], row.get(f"{name}_labels")) for name in names]
+
+
 def spans(tokenizer, row: dict) -> list[tuple[str, bool]]:
     """The row's text in runs of supervised / not supervised tokens (a token is supervised when its label is set)."""
+    return sequence_spans(tokenizer, row["input_ids"], row.get("labels"))
+
+
+def sequence_spans(tokenizer, input_ids: list[int], labels: list[int] | None) -> list[tuple[str, bool]]:
     from tunelab.data.tokenize import IGNORE
 
+    labels = [IGNORE] * len(input_ids) if labels is None else labels  # e.g. an embedding pair: no token is a target
     runs: list[tuple[list[int], bool]] = []
-    for position, (token, label) in enumerate(zip(row["input_ids"], row["labels"])):
+    for position, (token, label) in enumerate(zip(input_ids, labels)):
         supervised = label != IGNORE and position > 0  # the first position is never predicted
         if runs and runs[-1][1] == supervised:
             runs[-1][0].append(token)
         else:
             runs.append(([token], supervised))
     return [(tokenizer.decode(ids, skip_special_tokens=False), supervised) for ids, supervised in runs]
+
+
+def count_supervised(labels: list[int] | None) -> int:
+    from tunelab.data.tokenize import IGNORE
+
+    return sum(label != IGNORE for label in (labels or [])[1:])  # the first position is never predicted
 
 
 def plain(segments: list[tuple[str, bool]]) -> str:
@@ -59,17 +79,17 @@ def inspect(overrides: list[str], n: int, split: str, as_plain: bool) -> None:
           f"tokenizer hash {fingerprints.get('tokenizer', '?')[:12]}; supervised tokens "
           + (f"inside {OPEN} {CLOSE}" if as_plain else "in green"))
     for index in range(min(n, len(dataset))):
-        row = dataset.rows[index]
-        segments = spans(datamodule.tokenizer, row)
-        supervised = dataset.targets[index]
-        print(f"--- example {index}: {len(row['input_ids'])} tokens, {supervised} supervised")
-        if as_plain:
-            print(plain(segments))
-        else:
-            text = Text()
-            for piece, marked in segments:
-                text.append(piece, style="bold green" if marked else "dim")
-            console.print(text)
+        for name, input_ids, labels in sequences(dataset.rows[index]):  # a pair: both of its sequences
+            segments = sequence_spans(datamodule.tokenizer, input_ids, labels)
+            supervised = count_supervised(labels)
+            print(f"--- example {index}{': ' + name if name else ''}: {len(input_ids)} tokens, {supervised} supervised")
+            if as_plain:
+                print(plain(segments))
+            else:
+                text = Text()
+                for piece, marked in segments:
+                    text.append(piece, style="bold green" if marked else "dim")
+                console.print(text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab.cli.common import die, preflight, quiet_libraries
+from tunelab.cli.common import die, named_run_dir, preflight, quiet_libraries
 from tunelab.errors import TunelabError
 from tunelab.paths import CONF_DIR
 
@@ -138,19 +139,28 @@ def evaluate_target(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def hydra_entry(cfg: DictConfig) -> None:
+    from tunelab.run import lock
+
     try:
-        evaluate_target(cfg)
+        with lock.holding(cfg.paths.run_dir):  # one run per dir (held already when named on the command line)
+            evaluate_target(cfg)
     except TunelabError as err:
         die(str(err), err.exit_code)
 
 
 def main() -> None:
+    from tunelab.run import lock
+
     quiet_libraries()
-    try:
-        preflight(sys.argv[1:], "evaluate")
-    except TunelabError as err:
-        die(str(err), err.exit_code)
-    hydra_entry()
+    with ExitStack() as held:
+        try:
+            run_dir = named_run_dir(sys.argv[1:])
+            lock.refuse_if_in_use(run_dir)
+            preflight(sys.argv[1:], "evaluate")
+            held.enter_context(lock.holding(run_dir))  # before Hydra writes into the dir
+        except TunelabError as err:
+            die(str(err), err.exit_code)
+        hydra_entry()
 
 
 if __name__ == "__main__":

@@ -68,12 +68,17 @@ def score(args: argparse.Namespace) -> dict:
     if model not in (a, b):
         raise TunelabError(f"--model {model} is not in this sheet; it compares {a} and {b}")
     result = win_rate(counts, model, a if model == b else b)
+    if not result["judged"]:  # nothing to rate yet: say what is missing, not "nan% over 0"
+        rows = result["blank"] + result["invalid"]
+        unreadable = f", {result['invalid']} unreadable" if result["invalid"] else ""
+        raise TunelabError(f"{args.sheet}: no row is judged yet ({result['blank']} of {rows} blank{unreadable}); "
+                           "fill the preference column with 1, 2 or tie, then score it again")
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{model} vs {result['against']}: win rate {result['win_rate']:.1%} over {result['judged']} judged "
               f"({result['wins']} wins, {result['losses']} losses, {result['ties']} ties; "
-              f"{result['blank']} blank, {result['invalid']} unreadable)")
+              f"{result['blank'] + result['invalid']} unjudged: {result['blank']} blank, {result['invalid']} unreadable)")
     return result
 
 

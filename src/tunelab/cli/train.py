@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from tunelab.cli.common import die, preflight, quiet_libraries, user_error
+from tunelab.cli.common import die, named_run_dir, preflight, quiet_libraries, user_error
 from tunelab.errors import TunelabError
 from tunelab.paths import CONF_DIR
 
@@ -34,6 +35,7 @@ def run_job(cfg: DictConfig) -> float | None:
 
     from tunelab.run import rundir
     from tunelab.run.interrupts import RunInterrupted
+    from tunelab.run.lock import RunDirInUse
     from tunelab.run.train import train
     from tunelab.study.multirun import optimized_value
 
@@ -43,7 +45,13 @@ def run_job(cfg: DictConfig) -> float | None:
             return optimized_value(train(cfg), cfg.get("optimized_metric"), strict=multirun)
         except Exception as err:
             raise user_error(err) or err
+    except RunDirInUse as err:  # another run's dir: not a file of it is touched
+        if multirun:
+            log.error("run refused: %s", err)
+            return float("nan")
+        die(str(err), err.exit_code)
     except RunInterrupted as err:
+        err.message = rundir.with_resume_hint(err.message, Path(cfg.paths.run_dir))  # e.g. killed while evaluating
         rundir.mark_failed(Path(cfg.paths.run_dir), err.message)
         print(err.message, file=sys.stderr)
         raise
@@ -62,14 +70,20 @@ def main() -> None:
     from tunelab.run.provenance import report_reproduction, take_reproduce_arg
     from tunelab.run.resume import take_run_dir_args
 
+    from tunelab.run import lock
+
     quiet_libraries()
-    try:
-        reproducing = take_reproduce_arg(sys.argv)  # reproduce=RUN_DIR: its recorded overrides, a fresh dir
-        take_run_dir_args(sys.argv)  # a resume gets the run's own overrides; an occupied dir is refused untouched
-        preflight(sys.argv[1:], "train")
-    except TunelabError as err:
-        die(str(err), err.exit_code)
-    hydra_entry()
+    with ExitStack() as held:
+        try:
+            reproducing = take_reproduce_arg(sys.argv)  # reproduce=RUN_DIR: its recorded overrides, a fresh dir
+            run_dir = named_run_dir(sys.argv[1:])
+            lock.refuse_if_in_use(run_dir)  # a dir another run holds: refused before anything reads it
+            take_run_dir_args(sys.argv)  # a resume gets the run's own overrides; an occupied dir is refused untouched
+            preflight(sys.argv[1:], "train")
+            held.enter_context(lock.holding(run_dir))  # before Hydra writes .hydra/ and train.log into it
+        except TunelabError as err:
+            die(str(err), err.exit_code)
+        hydra_entry()
     if reproducing and not report_reproduction(*reproducing):
         sys.exit(1)
 

@@ -8,6 +8,7 @@ configure_optimizers, as `TypeError: AdamW.__init__() got an unexpected keyword 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 
 from omegaconf import DictConfig, OmegaConf
@@ -42,13 +43,36 @@ def keyword_parameters(target) -> list[inspect.Parameter] | None:
     return None
 
 
+def locate(path: str) -> tuple[object | None, str | None]:
+    """(the object a dotted `_target_` names, None), or (None, why not) in a few words; unlike Hydra's
+    get_object it logs nothing, so a bad target is the caller's one line and not three."""
+    parts = str(path).split(".")
+    for split in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+                continue  # this prefix is no module: the rest is an attribute path
+            return None, f"importing {module_name} fails: {err}"
+        except Exception as err:  # the module exists but its own import fails
+            return None, f"importing {module_name} fails: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        for depth, attr in enumerate(parts[split:], start=split):
+            if not hasattr(obj, attr):
+                return None, f"{'.'.join(parts[:depth])} has no attribute {attr!r}"
+            obj = getattr(obj, attr)
+        return obj, None
+    return None, f"no module named {parts[0]!r}"
+
+
 def target_parameters(target_path: str) -> list[inspect.Parameter] | None:
     """None where the target cannot be inspected here (not installed, **kwargs): its call will tell."""
-    from hydra.utils import get_object
-
+    target, _ = locate(target_path)
+    if target is None:
+        return None
     try:
-        return keyword_parameters(get_object(target_path))
-    except Exception:  # an optional package missing, a C callable without a signature
+        return keyword_parameters(target)
+    except Exception:  # a C callable without a signature
         return None
 
 

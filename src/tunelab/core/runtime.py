@@ -234,6 +234,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def apply_runtime(module, runtime) -> None:
     """Give a method's module the runtime group's settings (None: the defaults)."""
     settings = dict(runtime or {})
+    settings.pop("threads", None)  # process-wide, not a module's: platform.threads set it when the run was finalized
     module.levers = RuntimeLevers(**settings)
     if module.levers.gradient_checkpointing:
         enable_gradient_checkpointing(module.model)

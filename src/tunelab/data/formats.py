@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunelab.data.sources import keep_origin, record_name
 from tunelab.errors import TunelabError
 
 REQUIRED = {
@@ -57,7 +58,7 @@ def rename_fields(record: dict, fields: dict[str, str] | None) -> dict:
     for canonical, column in fields.items():
         if column in record:
             renamed[canonical] = record[column]
-    return renamed
+    return keep_origin(renamed, record)
 
 
 def detect_format(record: dict) -> str:
@@ -71,11 +72,11 @@ def detect_format(record: dict) -> str:
     )
 
 
-def check_fields(record: dict, fmt: str) -> None:
+def check_fields(record: dict, fmt: str, index: int = 0) -> None:
     missing = [key for key in REQUIRED[fmt] if key not in record]
     if missing:
         raise TunelabError(
-            f"format '{fmt}' needs fields [{', '.join(missing)}] missing from the data; the records have "
+            f"{record_name(record, index)}: format '{fmt}' needs fields [{', '.join(missing)}] missing from the data; the records have "
             f"[{', '.join(map(str, record))}]; map them with data.fields, e.g. data.fields={{{missing[0]}:COLUMN}}"
         )
 
@@ -110,6 +111,6 @@ def normalize(records: list[dict], fmt: str = "auto", fields: dict | None = None
     fmt = detect_format(renamed[0]) if fmt == "auto" else fmt
     if fmt not in REQUIRED:
         raise TunelabError(f"unknown data.format '{fmt}'; use auto, {', '.join(REQUIRED)}")
-    for record in renamed:
-        check_fields(record, fmt)
+    for index, record in enumerate(renamed):
+        check_fields(record, fmt, index)
     return [to_example(r, fmt, system_prompt) for r in renamed]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from tunelab.data.datamodule import DataModule
 from tunelab.data.formats import rename_fields
+from tunelab.data.sources import record_name
 from tunelab.data.tokenize import TokenizeReport
 from tunelab.errors import TunelabError
 
@@ -49,15 +50,15 @@ def to_text_pair(record: dict, index: int) -> TextPair:
         texts = {"anchor": question, "positive": record.get("output")}
     else:
         raise TunelabError(
-            f"pair record {index} has fields [{', '.join(map(str, record))}]; contrastive data needs anchor and "
+            f"{record_name(record, index, 'pair record')} has fields [{', '.join(map(str, record))}]; contrastive data needs anchor and "
             "positive (optional negative), or prompt+chosen(+rejected), prompt+completion, instruction+output; "
             "map your columns with data.fields, e.g. data.fields={anchor:question,positive:answer}"
         )
     pair = {role: as_text(texts.get(role)) for role in ROLES}
     for role in ("anchor", "positive"):
         if not pair[role]:
-            raise TunelabError(f"pair record {index} has an empty {role} text; remove it or fix the data "
-                               f"(record: {str(record)[:120]})")
+            raise TunelabError(f"{record_name(record, index, 'pair record')} has an empty {role} text; remove it or "
+                               f"fix the data (record: {str(dict(record))[:120]})")
     return TextPair(pair["anchor"], pair["positive"], pair["negative"] or None)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from tunelab.data.datamodule import DataModule
 from tunelab.data.formats import Conversation, rename_fields
+from tunelab.data.sources import record_name
 from tunelab.data.tokenize import IGNORE, TokenizeReport, tokenize_segments
 from tunelab.errors import TunelabError
 
@@ -54,17 +55,18 @@ def as_turns(value, role: str) -> tuple[dict, ...]:
 def to_pair(record: dict, index: int, system_prompt: str | None = None) -> PreferencePair:
     from trl.data_utils import extract_prompt
 
+    name = record_name(record, index, "preference record")
     missing = [key for key in PREFERENCE_FIELDS if key not in record or record[key] in (None, "", [])]
     if missing:
         raise TunelabError(
-            f"preference record {index} lacks [{', '.join(missing)}] (it has [{', '.join(map(str, record))}]); "
+            f"{name} lacks [{', '.join(missing)}] (it has [{', '.join(map(str, record))}]); "
             "each needs prompt (optional when implicit), chosen and rejected; map columns with data.fields, "
             f"e.g. data.fields={{{missing[0]}:COLUMN}}"
         )
     if "prompt" not in record:
         if not isinstance(record["chosen"], list):
             raise TunelabError(
-                f"preference record {index} has no prompt; plain-text chosen/rejected need a prompt field "
+                f"{name} has no prompt; plain-text chosen/rejected need a prompt field "
                 "(only conversational pairs may carry the prompt inside chosen/rejected)"
             )
         record = {**record, **extract_prompt(record)}
@@ -74,16 +76,16 @@ def to_pair(record: dict, index: int, system_prompt: str | None = None) -> Prefe
     chosen, rejected = as_turns(record["chosen"], "assistant"), as_turns(record["rejected"], "assistant")
     if chosen == rejected:
         raise TunelabError(
-            f"preference record {index} has identical chosen and rejected responses ({chosen[-1]['content'][:60]!r}); "
+            f"{name} has identical chosen and rejected responses ({chosen[-1]['content'][:60]!r}); "
             "such a pair teaches nothing: remove it from the data"
         )
-    for name, turns in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+    for part, turns in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if not turns[-1]["content"].strip():
-            raise TunelabError(f"preference record {index} has an empty {name} text; remove it or fix the data "
-                               f"(record: {str(record)[:120]})")
-    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+            raise TunelabError(f"{name} has an empty {part} text; remove it or fix the data "
+                               f"(record: {str(dict(record))[:120]})")
+    for part, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1]["role"] != "assistant":
-            raise TunelabError(f"preference record {index}: the last {name} message must be an assistant turn")
+            raise TunelabError(f"{name}: the last {part} message must be an assistant turn")
     return PreferencePair(prompt, chosen, rejected)
 
 
@@ -143,12 +145,13 @@ class UnpairedExample:
 
 
 def to_unpaired(record: dict, index: int, system_prompt: str | None = None) -> UnpairedExample:
+    name = record_name(record, index, "KTO record")
     missing = [key for key in ("prompt", "completion") if record.get(key) in (None, "", [])]
     if missing:
-        raise TunelabError(f"KTO record {index} lacks [{', '.join(missing)}] (it has [{', '.join(map(str, record))}]); "
+        raise TunelabError(f"{name} lacks [{', '.join(missing)}] (it has [{', '.join(map(str, record))}]); "
                            "each needs prompt, completion and label, or chosen and rejected (split into both)")
     if not isinstance(record.get("label"), bool):
-        raise TunelabError(f"KTO record {index} has no true/false label (got {record.get('label')!r}); label: true "
+        raise TunelabError(f"{name} has no true/false label (got {record.get('label')!r}); label: true "
                            "marks a desirable completion, false an undesirable one")
     prompt = as_turns(record["prompt"], "user")
     if system_prompt and prompt[0]["role"] != "system":

@@ -13,6 +13,30 @@ from tunelab.errors import TunelabError
 from tunelab.paths import DATA_DIR
 
 Records = list[dict]
+
+
+class SourceRecord(dict):
+    """A raw record that knows where it came from ("data.jsonl:8"), so a data error names the file's line, not
+    the record's position after the split's shuffle; in every other way (content, hashes, JSON) a plain dict."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, fields: dict, where: str):
+        super().__init__(fields)
+        self.where = where
+
+
+def keep_origin(new: dict, old: dict) -> dict:
+    """`new` (a record rebuilt from `old`, e.g. with renamed fields) still naming where `old` came from."""
+    where = getattr(old, "where", None)
+    return SourceRecord(new, where) if where else new
+
+
+def record_name(record: dict, index: int, kind: str = "record") -> str:
+    """How an error names a record: 'preference record at data.jsonl:8' where it came from a file, else
+    'preference record 31' (its position in the split)."""
+    where = getattr(record, "where", None)
+    return f"{kind} at {where}" if where else f"{kind} {index}"
 SPLIT_ALIASES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -55,6 +79,9 @@ def read_file(path: Path, encoding: str = "utf-8") -> Records:
     if path.suffix not in readers:
         raise TunelabError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(readers)}")
     records = readers[path.suffix](path, encoding)
+    if path.suffix != ".jsonl":  # JSON Lines records carry their line; the others their position in the file
+        unit = {".txt": "paragraph", ".json": "record"}.get(path.suffix, "row")
+        records = [SourceRecord(r, f"{path}, {unit} {i}") for i, r in enumerate(records, start=1)]
     if not records:
         raise TunelabError(f"{path} holds no records; add examples or point data.source at another file")
     return records
@@ -88,7 +115,7 @@ def read_jsonl(path: Path, encoding: str = "utf-8") -> Records:
             raise TunelabError(f"{path}:{lineno}: {malformed(err, line)}; fix or remove that line") from None
         if not isinstance(record, dict):
             raise TunelabError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
-        records.append(record)
+        records.append(SourceRecord(record, f"{path}:{lineno}"))
     return records
 
 

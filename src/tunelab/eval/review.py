@@ -68,8 +68,8 @@ def read_preferences(sheet: Path, key_file: Path) -> Counter:
 
 
 def win_rate(counts: Counter, model: str, other: str) -> dict:
-    """`model`'s win rate over judged rows (a tie counts half), with the raw counts."""
+    """`model`'s win rate over judged rows (a tie counts half), with the raw counts; None before any row is judged."""
     judged = counts[model] + counts[other] + counts["tie"]
-    rate = (counts[model] + 0.5 * counts["tie"]) / judged if judged else float("nan")
+    rate = (counts[model] + 0.5 * counts["tie"]) / judged if judged else None
     return {"model": model, "against": other, "wins": counts[model], "losses": counts[other], "ties": counts["tie"],
             "blank": counts["blank"], "invalid": counts["invalid"], "judged": judged, "win_rate": rate}

@@ -119,6 +119,11 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tenso
 class ContrastiveModule(LanguageModelModule):
     """InfoNCE over (anchor, positive[, negative]) batches; logs loss and in-batch accuracy."""
 
+    # Read by tunelab-verify's accumulation pair: the negatives are the other pairs of the micro-batch, so k
+    # accumulated micro-batches of B are another objective than one batch of B*k (GradCache would make them one).
+    accumulation_differs = ("its loss contrasts each pair with the other pairs of its micro-batch (in-batch "
+                            "negatives), so batch B x accumulation k sees fewer negatives than batch B*k")
+
     def __init__(self, model, optimizer, scheduler=None, temperature: float = 0.05, pooling: str = "mean",
                  symmetric: bool = False, gather_across_ranks: bool = True):
         super().__init__(model, optimizer, scheduler)

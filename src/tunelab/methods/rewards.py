@@ -123,7 +123,9 @@ def build_reward(name: str, config):
     function is used as it is (TRL's reward functions are plain functions)."""
     import inspect
 
-    from hydra.utils import get_object, instantiate
+    from hydra.utils import instantiate
+
+    from tunelab.config.options import locate
 
     if callable(config):
         return config
@@ -131,11 +133,10 @@ def build_reward(name: str, config):
     if not target:
         raise TunelabError(f"reward {name!r} has no _target_; give one, e.g. "
                            f"method.module.rewards.{name}._target_=tunelab.methods.rewards.NumericAnswerReward")
-    try:
-        obj = get_object(target)
-    except Exception:
-        raise TunelabError(f"reward {name!r}: _target_ {target!r} does not resolve to an importable callable; "
-                           "check the module path and name (e.g. tunelab.methods.rewards.NumericAnswerReward)") from None
+    obj, why = locate(target)
+    if obj is None:
+        raise TunelabError(f"reward {name!r}: _target_ {target!r} does not resolve to an importable callable ({why}); "
+                           "check the module path and name (e.g. tunelab.methods.rewards.NumericAnswerReward)")
     extra = [k for k in config if not str(k).startswith("_") and k != "_target_"]
     if inspect.isfunction(obj) and not extra:
         return obj

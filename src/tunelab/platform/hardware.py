@@ -9,6 +9,9 @@ the fastest precision that keeps training correct on that device:
   CPUs torch emulates bf16 and it runs ~60x slower than fp32; CPUs that report avx512_bf16 without
   AMX still ran bf16 matmul at 0.5-0.8x fp32 (benchmarks/RESULTS.md), so the flag alone is not
   enough: where it is present, one small matmul of each dtype is timed once per machine and cached.
+  TUNELAB_CPU_BF16_SPEEDUP=X stands in for both checks (X: bf16 matmul speed / fp32's on this CPU, as
+  the probe would measure it; ~0.017 is an AVX2-only CPU): the test suite pins `auto` with it, so no
+  test depends on the CPU it runs on, and a what-if run can take either branch on any machine.
 - MPS and others: 32-true (mixed precision there is not tested by this project).
 An explicit precision always wins; bf16 on a CPU without native bf16 gets one warning line.
 """
@@ -19,6 +22,7 @@ import functools
 import importlib.util
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ AUTO = "auto"
 # bf16 must beat fp32 matmul by this much before bf16-mixed is chosen on a CPU: autocast adds a cast
 # of every weight and activation per step, which a small matmul gain does not pay for.
 CPU_BF16_MIN_SPEEDUP = 1.5
+SPEEDUP_ENV = "TUNELAB_CPU_BF16_SPEEDUP"
 BF16_SPELLINGS = ("bf16", "bf16-mixed", "bf16-true", "bfloat16")
 HALF_SPELLINGS = ("16", "16-mixed", "16-true", "fp16", "float16")
 
@@ -88,11 +93,18 @@ def matmul_seconds(dtype: torch.dtype, size: int = 512, repeats: int = 5) -> flo
     return best
 
 
+def probe_key() -> str:
+    """What the cached probe is keyed by: the CPU (name, dispatch level, bf16 instructions), torch, threads.
+    Cloud CPUs of different generations can share a model name, so the instructions are part of the key."""
+    return (f"{cpu_model_name()}|{cpu_capability()}|native bf16 {cpu_bf16_instructions()}"
+            f"|torch {torch.__version__}|threads {torch.get_num_threads()}")
+
+
 def cpu_bf16_speedup() -> float:
     """fp32 matmul time / bf16 matmul time on this CPU at this thread count, measured once and cached."""
     from tunelab.paths import cache_dir
 
-    key = f"{cpu_model_name()}|{cpu_capability()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    key = probe_key()
     path = cache_dir() / "cpu_bf16_speedup.json"
     try:
         cached = json.loads(path.read_text())
@@ -100,13 +112,32 @@ def cpu_bf16_speedup() -> float:
         cached = {}
     if key not in cached:
         cached[key] = matmul_seconds(torch.float32) / matmul_seconds(torch.bfloat16)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two runs starting at once each write their own
         tmp.write_text(json.dumps(cached, indent=1) + "\n")
         tmp.replace(path)
     return float(cached[key])
 
 
+def pinned_speedup() -> float | None:
+    """TUNELAB_CPU_BF16_SPEEDUP, when set: the probe's answer given instead of measured."""
+    text = os.environ.get(SPEEDUP_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise TunelabError(f"{SPEEDUP_ENV}={text} is not a number; give bf16 matmul speed relative to fp32 "
+                           f"(e.g. {SPEEDUP_ENV}=0.5), or unset it to measure") from None
+    if not value > 0:
+        raise TunelabError(f"{SPEEDUP_ENV}={text} must be > 0 (bf16 matmul speed relative to fp32)")
+    return value
+
+
 def cpu_precision() -> Choice:
+    pinned = pinned_speedup()
+    if pinned is not None:
+        chosen = "bf16-mixed" if pinned >= CPU_BF16_MIN_SPEEDUP else "32-true"
+        return Choice(chosen, f"{SPEEDUP_ENV}={pinned:g} says bf16 matmul runs {pinned:g}x fp32 (not measured)")
     if not cpu_bf16_instructions():
         return Choice("32-true", f"this CPU has no native bf16 ({cpu_capability()}): bf16 would run many times slower")
     speedup = cpu_bf16_speedup()

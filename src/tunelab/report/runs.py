@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ import pandas as pd
 import yaml
 
 from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
 
 FINISHED, FAILED, INCOMPLETE, DIVERGED = "finished", "failed", "incomplete", "diverged"
 # Finished, but an on-policy run's policy collapsed (metrics.json: train/collapsed_at_step; methods/rl/collapse.py).
@@ -65,6 +68,15 @@ def is_run_dir(path: Path) -> bool:
     return any((path / marker).exists() for marker in RUN_MARKERS)
 
 
+def is_evaluation_dir(path: Path) -> bool:
+    """A `tunelab-evaluate` output dir (conf/evaluate.yaml's keys): an evaluation of some model, not a training run."""
+    for name in ("resolved_config.yaml", ".hydra/config.yaml"):
+        if (path / name).is_file():
+            config = yaml.safe_load((path / name).read_text()) or {}
+            return isinstance(config, dict) and {"target", "eval_from_run"} <= set(config)
+    return False
+
+
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:
     """Every run dir at or below the given paths (a multirun folder, a study folder, single runs)."""
     found = []
@@ -78,8 +90,14 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
                          (p.parent.parent if marker.startswith(".hydra") else p.parent for p in path.rglob(marker))
                          if is_run_dir(marker_dir) and "report" not in marker_dir.relative_to(path).parts})
     unique = list(dict.fromkeys(p.resolve() for p in found))
+    evaluations = [p for p in unique if is_evaluation_dir(p)]
+    unique = [p for p in unique if p not in evaluations]
+    skipped = f" ({len(evaluations)} tunelab-evaluate output dirs skipped: evaluations, not training runs)" if evaluations else ""
+    if evaluations and unique:
+        log.warning("report: skipped %d tunelab-evaluate output dir(s) (evaluations, not training runs): %s",
+                    len(evaluations), ", ".join(str(p) for p in evaluations[:3]) + (", ..." if len(evaluations) > 3 else ""))
     if not unique:
-        raise TunelabError(f"no run dirs under {', '.join(map(str, paths))}: a run dir holds resolved_config.yaml, "
+        raise TunelabError(f"no run dirs under {', '.join(map(str, paths))}{skipped}: a run dir holds resolved_config.yaml, "
                            "metrics.json or FAILED (outputs/<study>/runs/<time> or outputs/<study>/multirun/<time>/<n>)")
     return unique
 

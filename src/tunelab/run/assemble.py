@@ -16,18 +16,20 @@ from tunelab.config.derived import evaluator_config, without_headline
 from tunelab.models.adapters import apply_adapter, build_adapter, count_parameters
 from tunelab.models.qlora import QLoRA
 from tunelab.platform.hardware import check_trainer, resolve_trainer
+from tunelab.platform.threads import apply_threads
 
 
 def finalize(cfg: DictConfig) -> DictConfig:
     """Make the config what will run, before anything is saved or built: the Trainer arguments the
     method pins merged over the trainer group (PPO steps its optimizer itself), then the concrete
-    device and precision for `auto`."""
+    device, precision and CPU threads for `auto`."""
     pinned = cfg.method.get("trainer")
     if pinned:
         with open_dict(cfg):
             cfg.trainer = OmegaConf.merge(cfg.trainer, pinned)
     check_trainer(cfg.trainer)  # first: resolving precision for a GPU asks CUDA, which a CPU-only torch asserts on
     resolve_trainer(cfg)
+    apply_threads(cfg)  # runtime.threads: cores / jobs at once, before anything computes
     return cfg
 
 

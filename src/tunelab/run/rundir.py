@@ -38,6 +38,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
 
 
+def with_resume_hint(message: str, run_dir: Path) -> str:
+    """An interruption's message with how to go on: outside training (loading, evaluating, exporting) the signal
+    handler does not know the run dir, so the hint is added where it is known."""
+    if "resume with" in message:
+        return message
+    if latest_checkpoint(run_dir) is None:
+        return f"{message}; no checkpoint yet: start the run again"
+    return f"{message}; resume with: tunelab-train hydra.run.dir={run_dir} ckpt_path=auto (no step is redone)"
+
+
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     """`auto` finds the run dir's newest checkpoint (None when there is none yet)."""
     if not ckpt_path:

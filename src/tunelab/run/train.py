@@ -22,7 +22,7 @@ from tunelab.models.qlora import is_4bit
 from tunelab.platform.hardware import training_device
 from tunelab.platform.sharding import check_shardable, full_model
 from tunelab.progress import PlainProgress, interactive
-from tunelab.run import rundir
+from tunelab.run import lock, rundir
 from tunelab.run.assemble import assemble, build_evaluator, build_trainer, finalize
 from tunelab.run.interrupts import CheckpointOnInterrupt, install_outside_fit_handlers
 from tunelab.run.loggers import checkpoint_step, finish_loggers, keep_history, remember_wandb_id
@@ -78,6 +78,12 @@ def fit(trainer: pl.Trainer, module, datamodule, ckpt_path: str | None, interrup
 
 
 def train(cfg: DictConfig) -> dict:
+    """Train, evaluate and export one run into cfg.paths.run_dir, holding the dir's lock (tunelab.run.lock)."""
+    with lock.holding(cfg.paths.run_dir):
+        return run_in_dir(cfg)
+
+
+def run_in_dir(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     install_outside_fit_handlers()  # a SIGTERM before or after fit still ends as a reported interruption
     reset_peak_memory()  # this run's own peak, also when a multirun runs jobs in one process

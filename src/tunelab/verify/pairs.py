@@ -19,7 +19,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from tunelab.run.compose import compose_job
-from tunelab.verify.runner import max_relative_gap, short_fit
+from tunelab.verify.runner import build_parts, max_relative_gap, short_fit
 
 PASS, FAIL, SKIP = "pass", "FAIL", "skip"
 
@@ -44,6 +44,7 @@ class Context:
     overrides: list[str]
     settings: DictConfig
     work_dir: Path
+    traits: dict | None = None  # module_traits(), once known
 
     def overrides_for(self, *extra: str, steps: int | None = None, single_process: bool = True) -> list[str]:
         """The user's overrides with the pair's own on top (a later value of a key replaces an earlier one)."""
@@ -64,6 +65,21 @@ class Context:
         run_dir = self.work_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)
         return compose_job("train", overrides, run_dir), run_dir
+
+    def module_traits(self) -> dict:
+        """What the method's module says of itself, built once as training builds it: `manual` (its name when it
+        steps the optimizer itself: PPO, GRPO, RLOO under Lightning's manual optimization, where Lightning
+        accumulates nothing) and `accumulation_differs` (why batch B x k is another objective than B*k, if it is)."""
+        if self.traits is None:
+            cfg, _ = self.cfg(self.overrides_for(), "probe")
+            module, _ = build_parts(cfg)
+            name = str(cfg.method.get("name") or "this method")
+            self.traits = {"name": name, "manual": None if module.automatic_optimization else name,
+                           "accumulation_differs": getattr(module, "accumulation_differs", None)}
+        return self.traits
+
+    def manual_optimization(self) -> str | None:
+        return self.module_traits()["manual"]
 
 
 def override_key(override: str) -> str:
@@ -103,27 +119,37 @@ def seeded(ctx: Context) -> PairResult:
 def accumulation(ctx: Context) -> PairResult:
     """Batch B with accumulation k against batch B*k, same examples per step (length grouping off)."""
     batch, k = int(ctx.settings.batch_size), int(ctx.settings.accumulate)
+    name = f"batch {batch} x accum {k} vs batch {batch * k}"
+    traits = ctx.module_traits()
+    if traits["manual"]:
+        return PairResult(name, SKIP, note=f"method={traits['manual']} steps its optimizer itself (manual optimization), "
+                                           "so trainer.accumulate_grad_batches does not apply to it")
+    if traits["accumulation_differs"]:
+        return PairResult(name, SKIP, note=f"method={traits['name']}: {traits['accumulation_differs']}")
     common = ["data.group_by_length=false"]  # grouping sorts within megabatches sized by the batch, so orders differ
     a = short_fit(*ctx.cfg(ctx.overrides_for(*common, f"data.batch_size={batch}",
                                              f"trainer.accumulate_grad_batches={k}"), "accumulation_a"))
     b = short_fit(*ctx.cfg(ctx.overrides_for(*common, f"data.batch_size={batch * k}",
                                              "trainer.accumulate_grad_batches=1"), "accumulation_b"))
     measured = {"loss": max_relative_gap(a.losses, b.losses), "grad_norm": max_relative_gap(a.grad_norms, b.grad_norms)}
-    return judge(f"batch {batch} x accum {k} vs batch {batch * k}", measured, tolerances(ctx, "accumulation"),
-                 f"{len(a.losses)} steps")
+    return judge(name, measured, tolerances(ctx, "accumulation"), f"{len(a.losses)} steps")
 
 
 def resume(ctx: Context) -> PairResult:
     """N steps, checkpoint, fresh objects resume for N more, against 2N uninterrupted (at batch B x k,
-    so the checkpoint falls inside an accumulation group's epoch and the run crosses an epoch boundary)."""
+    so the checkpoint falls inside an accumulation group's epoch and the run crosses an epoch boundary). A method
+    that steps its optimizer itself resumes at batch B (accumulation does not apply to it)."""
     n, batch, k = int(ctx.settings.steps), int(ctx.settings.batch_size), int(ctx.settings.accumulate)
+    k = 1 if ctx.manual_optimization() else k
     overrides = ctx.overrides_for(f"data.batch_size={batch}", f"trainer.accumulate_grad_batches={k}", steps=2 * n)
     whole = short_fit(*ctx.cfg(overrides, "resume_whole"))
     cfg, first_dir = ctx.cfg(overrides, "resume_first")
     first = short_fit(cfg, first_dir, stop_after=n, save_every=n)
     checkpoint = first_dir / "checkpoints" / f"step={n}.ckpt"
     if not checkpoint.is_file():
-        return PairResult("resume vs uninterrupted", FAIL, note=f"no checkpoint was written at step {n}")
+        written = sorted(p.name for p in (first_dir / "checkpoints").glob("*.ckpt"))
+        return PairResult("resume vs uninterrupted", FAIL, note=f"no checkpoint was written at step {n} "
+                                                                f"(written: {', '.join(written) or 'none'})")
     second = short_fit(*ctx.cfg(overrides, "resume_second"), ckpt_path=str(checkpoint))
     measured = {"loss": max_relative_gap(whole.losses, first.losses[:n] + second.losses),
                 "lr": max_relative_gap(whole.lrs, first.lrs[:n] + second.lrs)}
