@@ -39,7 +39,8 @@ def without(tmp_path: Path, monkeypatch, *modules: str) -> Path:
     (["eval=lm_eval"], ["lm_eval"], "pip install 'lm-eval>=0.4.13,<0.5'"),
     (["-m", "hydra/launcher=local_processes", "seed=0,1"], ["submitit"], "pip install 'hydra-submitit-launcher"),
     (["-m", "hydra/launcher=slurm", "seed=0,1"], ["submitit"], "pip install 'hydra-submitit-launcher"),
-    (["-m", "hydra/launcher=ray_cluster", "seed=0,1"], ["ray"], "pip install hydra-ray-launcher"),
+    (["-m", "hydra/launcher=ray", "seed=0,1"], ["ray"], "pip install 'ray>=2.40,<3'"),
+    (["-m", "hydra/sweeper=optuna", "seed=0,1"], ["optuna"], "pip install 'optuna>=5,<6'"),
 ])
 def test_a_missing_optional_package_is_one_line_with_the_install_command(tmp_path, monkeypatch, args, missing, install):
     without(tmp_path, monkeypatch, *missing)

@@ -48,12 +48,15 @@ OPTIONAL = (
     Needs("pytorch_lightning.loggers.MLFlowLogger", ("mlflow",), "pip install mlflow", "logger=mlflow"),
     Needs("pytorch_lightning.loggers.TensorBoardLogger", ("tensorboard", "tensorboardX"), "pip install tensorboard",
           "logger=tensorboard"),
-    Needs("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", ("submitit",), SUBMITIT,
+    Needs("hydra_plugins.tunelab_sweeper.slurm_launcher.SlurmLauncher", ("submitit",), SUBMITIT,
           "hydra/launcher=slurm", slurm_unreachable),
     Needs("hydra_plugins.hydra_submitit_launcher", ("submitit",), SUBMITIT, "hydra/launcher=local_processes"),
-    Needs("hydra_plugins.hydra_ray_launcher", ("ray",), "pip install hydra-ray-launcher", "hydra/launcher=ray_cluster"),
+    Needs("hydra_plugins.tunelab_sweeper.ray_launcher.RayLauncher", ("ray",), "pip install 'ray>=2.40,<3'",
+          "hydra/launcher=ray"),
     Needs("hydra_plugins.hydra_joblib_launcher", ("joblib",), "pip install 'hydra-joblib-launcher>=1.2,<1.3'",
           "hydra/launcher=parallel"),
+    Needs("hydra_plugins.tunelab_sweeper.optuna_sweeper.OptunaSweeper", ("optuna",), "pip install 'optuna>=5,<6'",
+          "hydra/sweeper=optuna"),
     Needs("tunelab.models.adapters.qlora", ("bitsandbytes",), "pip install 'bitsandbytes>=0.45'", "adapter=qlora"),
     Needs("tunelab.eval.harness", ("lm_eval",), "pip install 'lm-eval>=0.4.13,<0.5'", "eval=lm_eval"),
     Needs("vllm", ("vllm",), "pip install vllm (in its own environment: see the README)", "a vLLM backend"),
@@ -61,12 +64,9 @@ OPTIONAL = (
 # Hydra plugin configs a launcher config builds on: absent when the plugin is not installed, so Hydra's
 # "Could not load 'hydra/launcher/ray'" gets the install command.
 PLUGIN_CONFIGS = {
-    "hydra/launcher/ray": OPTIONAL[4],
     "hydra/launcher/submitit_slurm": OPTIONAL[2],
     "hydra/launcher/submitit_local": OPTIONAL[3],
     "hydra/launcher/joblib": OPTIONAL[5],
-    "hydra/sweeper/optuna": Needs("hydra_plugins.hydra_optuna_sweeper", ("optuna",),
-                                  "pip install 'hydra-optuna-sweeper==1.3.0' 'optuna==2.10.1'", "+sweep=..."),
 }
 
 
