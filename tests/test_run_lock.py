@@ -69,7 +69,7 @@ def test_two_runs_started_at_once_into_one_dir_one_is_refused_untouched(tmp_path
         assert json.loads((run_dir / lock.LOCK_FILE).read_text())["pid"] == running.pid
     finally:
         running.send_signal(signal.SIGTERM)
-        running.wait(timeout=300)
+        running.communicate(timeout=300)  # drains its pipes: a run blocked writing to a full one never ends
     assert not (run_dir / lock.LOCK_FILE).exists()  # a run that ends releases its dir
 
 

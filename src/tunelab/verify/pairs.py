@@ -75,7 +75,8 @@ class Context:
             module, _ = build_parts(cfg)
             name = str(cfg.method.get("name") or "this method")
             self.traits = {"name": name, "manual": None if module.automatic_optimization else name,
-                           "accumulation_differs": getattr(module, "accumulation_differs", None)}
+                           "accumulation_differs": getattr(module, "accumulation_differs", None),
+                           "steps_per_batch": int(getattr(module, "updates_per_rollout", lambda: 1)())}
         return self.traits
 
     def manual_optimization(self) -> str | None:
@@ -141,6 +142,9 @@ def resume(ctx: Context) -> PairResult:
     that steps its optimizer itself resumes at batch B (accumulation does not apply to it)."""
     n, batch, k = int(ctx.settings.steps), int(ctx.settings.batch_size), int(ctx.settings.accumulate)
     k = 1 if ctx.manual_optimization() else k
+    # An on-policy batch (one rollout) makes several optimizer steps and a checkpoint falls between rollouts
+    # only: N counts rollouts there.
+    n *= ctx.module_traits()["steps_per_batch"]
     overrides = ctx.overrides_for(f"data.batch_size={batch}", f"trainer.accumulate_grad_batches={k}", steps=2 * n)
     whole = short_fit(*ctx.cfg(overrides, "resume_whole"))
     cfg, first_dir = ctx.cfg(overrides, "resume_first")
