@@ -14,7 +14,7 @@ import torch
 from tunelab.errors import TunelabError
 from tunelab.core.generation import generate_completions
 from tunelab.core.inference import inference
-from tunelab.core.losses import token_loss_sum
+from tunelab.core.losses import backbone_and_head, model_inputs, model_labels, supervised_loss_sum, token_loss_sum
 from tunelab.eval.result import EvalResult
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,16 @@ class Evaluator:
         if dataset is None or not len(dataset):
             return {}
         device = next(model.parameters()).device
+        split_model = backbone_and_head(model)  # the LM head only at the supervised tokens, as training does
         total, tokens = 0.0, 0
         with inference(model, self.precision):
             for batch in datamodule.loader(split, train=False, shard=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-                loss_sum, count = token_loss_sum(logits, batch["labels"])
+                if split_model is not None:
+                    loss_sum, count = supervised_loss_sum(*split_model, batch)
+                else:
+                    logits = model(**model_inputs(model, batch)).logits
+                    loss_sum, count = token_loss_sum(logits, model_labels(model, batch))
                 total, tokens = total + loss_sum.item(), tokens + int(count)
         loss = total / max(tokens, 1)
         return {f"{split}/loss": loss, f"{split}/perplexity": math.exp(min(loss, 50.0))}

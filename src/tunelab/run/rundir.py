@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
-from pytorch_lightning.utilities import rank_zero_only
-
 from tunelab.errors import TunelabError
+
+
+def global_rank() -> int:
+    """This process's rank as Lightning knows it (0 outside a distributed run)."""
+    from pytorch_lightning.utilities import rank_zero_only  # here: the CLI reads this module before its pre-flight
+
+    return rank_zero_only.rank
+
+
+def rank_zero_only(fn):
+    """Lightning's `rank_zero_only`, with Lightning imported at the first call rather than with this module."""
+    @functools.wraps(fn)
+    def on_rank_zero(*args, **kwargs):
+        return fn(*args, **kwargs) if global_rank() == 0 else None
+    return on_rank_zero
+
 
 METRICS = "metrics.json"
 FAILED = "FAILED"
@@ -26,7 +41,7 @@ def guard(run_dir: Path, overwrite: bool, resuming: bool) -> None:
             f"{run_dir} already holds a finished run (metrics.json); pass overwrite=true to replace it "
             "or choose another hydra.run.dir"
         )
-    if rank_zero_only.rank == 0:
+    if global_rank() == 0:
         (run_dir / METRICS).unlink(missing_ok=True)
         (run_dir / FAILED).unlink(missing_ok=True)
 
