@@ -32,7 +32,8 @@ class Needs:
 def slurm_unreachable() -> str | None:
     """submitit submits with sbatch; sinfo answering is the cheapest sign that a SLURM controller does."""
     if shutil.which("sbatch") is None:
-        return "sbatch is not on PATH (no SLURM here)"
+        return ("sbatch is not on PATH (no SLURM here: run on the cluster's login node, or start a one-machine "
+                "cluster with `bash scripts/setup_slurm.sh` as root)")
     try:
         answer = subprocess.run(["sinfo", "--noheader", "--summarize"], capture_output=True, text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired) as err:

@@ -17,9 +17,10 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of each next token [B, T-1], 0 where labels[:, 1:] is IGNORE; that mask), at `temperature`.
 
-    While runtime.chunked_loss is on for the model (core.losses.loss_chunk_size), the LM head runs on the
-    supervised positions only and in chunks (core.losses.chunked_token_logprobs): never [B, T, vocab] logits.
-    Gradients flow to the model either way; on-policy methods can call this for their per-token log-probs.
+    The LM head runs on the supervised positions only (as sft's loss does: the prompt, most of a preference
+    row, never meets the [vocab]-wide head), and in chunks while runtime.chunked_loss is on for the model
+    (core.losses.loss_chunk_size, chunked_token_logprobs). A model the split cannot read (prompt learning, a
+    logit transform) takes the plain path. Gradients flow to the model either way.
     """
     from trl.trainer.utils import selective_log_softmax
 
@@ -27,16 +28,19 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
 
     targets = labels[:, 1:]
     mask = targets != IGNORE
-    chunk, split = loss_chunk_size(model), None
-    if chunk:
-        split = backbone_and_head(model)
+    split = backbone_and_head(model)
     if split is not None:
         backbone, head = split
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        picked = hidden[:, :-1][mask]
-        picked = picked / temperature if temperature != 1.0 else picked  # (h/T) W^T = logits / T
+        picked, chunk = hidden[:, :-1][mask], loss_chunk_size(model)
+        if chunk:
+            picked = picked / temperature if temperature != 1.0 else picked  # (h/T) W^T = logits / T
+            picked_logps = chunked_token_logprobs(picked, head, targets[mask], chunk)
+        else:
+            logits = head(picked).float()
+            picked_logps = selective_log_softmax(logits / temperature if temperature != 1.0 else logits, targets[mask])
         logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-        return logps.masked_scatter(mask, chunked_token_logprobs(picked, head, targets[mask], chunk)), mask
+        return logps.masked_scatter(mask, picked_logps), mask
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     logits = logits / temperature if temperature != 1.0 else logits
     return selective_log_softmax(logits, targets.masked_fill(~mask, 0)) * mask, mask

@@ -9,7 +9,6 @@ whose overrides differ from the ledger's row of the same number stops the sweep 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import shutil
@@ -173,19 +172,11 @@ def wrap(launcher: Launcher, config, numbering: Callable[[int], list[int]] | Non
                           metric_names(config.get("optimized_metric")), numbering)
 
 
-# What each launcher needs on this machine, checked before a sweep dir exists: (target ends with, check, fix)
-NEEDS = {
-    "SlurmLauncher": (lambda: shutil.which("sbatch") is not None,
-                      "hydra/launcher=slurm needs SLURM, and there is no `sbatch` on PATH: run on the cluster's login "
-                      "node, or start a one-machine cluster with `bash scripts/setup_slurm.sh` (as root)"),
-    "RayLauncher": (lambda: importlib.util.find_spec("ray") is not None,
-                    "hydra/launcher=ray needs Ray: pip install 'tunelab[ray]' (or pip install 'ray>=2.40,<3')"),
-}
-
-
 def check_launcher(config) -> None:
-    """A launcher that cannot start is one line, before anything is written (no sweep dir, no pending trials)."""
-    target = str(OmegaConf.select(config, "hydra.launcher._target_") or "")
-    for suffix, (available, fix) in NEEDS.items():
-        if target.endswith(suffix) and not available():
-            raise TunelabError(fix)
+    """A launcher that cannot start is one line, before anything is written (no sweep dir, no pending trials):
+    the same check as the CLI's pre-flight (config.requirements), for sweeps started another way."""
+    from tunelab.config.requirements import check_optional
+
+    launcher = OmegaConf.select(config, "hydra.launcher")
+    if launcher is not None:
+        check_optional(launcher)
