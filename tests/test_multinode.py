@@ -28,6 +28,10 @@ def launch_node(rank: int, port: int, run_dir: Path, *overrides: str) -> subproc
     return subprocess.Popen(cmd, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+# ~40 s on 2 cores (three trainings): `make test-cluster` runs it; the default run keeps the same equivalence for
+# 2 processes on one node (test_ddp), which runs the same DDP code path with one node.
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_two_nodes_of_one_process_at_the_same_global_batch_match_one_process(tmp_path):
     run_dir, port = tmp_path / "two_nodes", free_port()
     nodes = [launch_node(rank, port, run_dir, "data.batch_size=4", *SAME_RUN) for rank in (0, 1)]

@@ -3,11 +3,17 @@ Ray task with 1 CPU, run in Ray's worker processes, every trial in the study led
 
 import os
 
+import pytest
+
 from tests.cluster import ray_cluster
 from tests.test_studies import QUICK, env, statuses, train
 from tunelab.study import ledger
 
 
+# ~80 s on 2 cores (a Ray head and its workers start): `make test-cluster` runs it; the default run keeps the same
+# ledger from launcher worker processes (test_studies' parallel launcher) and the launcher's one-line refusal.
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_sweep_on_a_ray_cluster_runs_each_trial_as_a_ray_task_into_one_ledger(tmp_path):
     with ray_cluster(env(TUNELAB_FAIL_JOB="1")) as (address, auth):   # the workers' environment: trial 1 fails
         result = train(tmp_path, "-m", "hydra/launcher=ray_cluster", f"hydra.launcher.init.address={address}",
