@@ -271,7 +271,9 @@ def test_a_hub_name_while_offline_is_refused_in_seconds(tmp_path, refusal_second
     local = "folder" if key.startswith("model") else "file"
     assert error_line(result) == (f"{named}, but the hub is unreachable ({why}) and no copy is cached; "
                                   f"give a local {local}: {key}=PATH")
-    assert seconds < refusal_seconds + REACHABLE_TIMEOUT_S + 5, (seconds, refusal_seconds)
+    # Not a speed target: the libraries' own retries added 35-57 s over a plain refusal, ours one probe of
+    # REACHABLE_TIMEOUT_S; the margin between is wide enough for a loaded machine.
+    assert seconds - refusal_seconds < REACHABLE_TIMEOUT_S + 25, (seconds, refusal_seconds)
     assert not run_dir.exists()
 
 
