@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import flops  # noqa: E402
+from runners import peak_memory_mb, reset_peak_memory  # noqa: E402
 
 ARCH = HERE / "models" / "qwen2.5-0.5b.json"
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -127,7 +128,7 @@ class StepClock:
         now = time.perf_counter()
         self.done += 1
         if self.done == self.warmup:
-            reset_peak()
+            reset_peak_memory()
         if self.done > self.warmup:
             real = real_mask.bool() if real_mask is not None else input_ids.new_ones(input_ids.shape, dtype=bool)
             lengths = [n for row, keep in zip(position_ids.tolist(), real.tolist())
@@ -135,26 +136,6 @@ class StepClock:
             self.steps.append({"seconds": now - self.mark, "lengths": lengths,
                                "supervised": int((labels[:, 1:] != -100).sum())})
         self.mark = time.perf_counter()
-
-
-def reset_peak():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def tunelab_cfg(spec: dict):
@@ -264,7 +245,7 @@ def worker(spec: dict) -> dict:
     return {"spec": {k: v for k, v in spec.items() if k != "work"}, "settings": settings, "timed_steps": len(steps),
             "sec_per_step": seconds / max(len(steps), 1), "tokens_per_s": tokens / seconds if seconds else 0.0,
             "supervised_per_s": sum(s["supervised"] for s in steps) / seconds if seconds else 0.0,
-            "flops_per_s": useful / seconds if seconds else 0.0, "peak_memory_mb": peak_mb(),
+            "flops_per_s": useful / seconds if seconds else 0.0, "peak_memory_mb": peak_memory_mb(),
             "params": sum(p.numel() for p in model.parameters()), "lora_params": lora,
             "torch": torch.__version__}
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import make_cfg
+from tests.test_speed_equivalence import RECORDS as SPEED_RECORDS
 from tunelab.data.batching import Collator
 from tunelab.data.formats import normalize
 from tunelab.data.packing import document_lengths, pack_in_order, pack_rows
@@ -16,14 +17,7 @@ from tunelab.data.tokenize import IGNORE, DocumentTokenizer, SupervisedTokenizer
 from tunelab.methods.base import CausalLMModule
 from tunelab.models.tiny import build_tiny_llama
 
-RECORDS = [
-    {"instruction": "Give the capital of this country.", "input": "Mozambique", "output": "The capital is Maputo."},
-    {"instruction": "Sort these words alphabetically.", "input": "cheese shoe morning jacket moon",
-     "output": "cheese, jacket, moon, morning, shoe"},
-    {"instruction": "Write the number in words.", "input": "8509", "output": "eight thousand five hundred nine"},
-    {"instruction": "What is the antonym of known?", "output": "unknown"},
-    {"instruction": "Name a primary colour.", "output": "Blue."},
-]
+RECORDS = [*SPEED_RECORDS, {"instruction": "Name a primary colour.", "output": "Blue."}]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
