@@ -154,7 +154,8 @@ def test_grpo_trains_with_the_vllm_engine(tmp_path, server):
               "method.module.max_completion_length=6", "method.evaluator.max_examples=2", "trainer.max_steps=2",
               "generation.engine=vllm", f"generation.vllm_server_base_url={server.url}")
     engine = active_engine()
-    assert engine.name == "vllm" and engine.adapters_loaded == 2  # one adapter per rollout: the policy moved
+    # One adapter per rollout (the policy moved) and one for the tuned model's evaluation, which samples there too.
+    assert engine.name == "vllm" and engine.adapters_loaded == 3
     metrics = read_metrics(tmp_path)
     assert metrics["train"]["global_step"] == 2
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
