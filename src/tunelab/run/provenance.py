@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab.data.fingerprints import chat_template_fingerprint, template_fingerprint, tokenizer_fingerprint
 from tunelab.errors import TunelabError
-from tunelab.run.rundir import global_rank
 from tunelab.paths import REPO_DIR
+from tunelab.run.rundir import rank_zero_only
 
 MANIFEST = "provenance.json"
 PACKAGES = ("tunelab", "torch", "transformers", "tokenizers", "peft", "pytorch-lightning", "datasets",
@@ -99,10 +99,9 @@ def build_manifest(cfg: DictConfig, tokenizer, datamodule) -> dict:
     }
 
 
+@rank_zero_only
 def write_manifest(cfg: DictConfig, run_dir: Path, tokenizer, datamodule, resuming: bool = False) -> Path | None:
     """provenance.json (rank 0 writes it); a resume keeps the original record and adds when and how it was resumed."""
-    if global_rank() != 0:
-        return None
     path = Path(run_dir) / MANIFEST
     manifest = build_manifest(cfg, tokenizer, datamodule)
     if resuming and path.is_file():
